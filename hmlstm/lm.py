@@ -1,0 +1,71 @@
+"""The gated output module (eq. 10-12) and the character language model built on HMLSTM."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import HMLSTM
+from .state import HMLSTMOutput, HMLSTMState
+
+
+class GatedOutput(nn.Module):
+    """h^e_t = ReLU(sum_l g^l_t W^e_l h^l_t) with g^l_t = sigm(w^l . [h^1_t; ...; h^L_t]) (eq. 11-12).
+
+    Parameters: gate.weight (L, sum H_l), row l is w^l; proj[l].weight (E, H_l) is W^e_l. No biases:
+    the paper writes none.
+    """
+
+    def __init__(self, hidden_sizes: Sequence[int], embed_size: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(sum(hidden_sizes), len(hidden_sizes), bias=False)
+        self.proj = nn.ModuleList(nn.Linear(h, embed_size, bias=False) for h in hidden_sizes)
+
+    def forward(self, hs: Sequence[Tensor]) -> Tensor:
+        """hs: L tensors (B, T, H_l) -> (B, T, E)."""
+        g = torch.sigmoid(self.gate(torch.cat(tuple(hs), dim=-1)))  # (B, T, L)
+        mixed = sum(g[..., l : l + 1] * proj(h) for l, (proj, h) in enumerate(zip(self.proj, hs)))
+        return F.relu(mixed)
+
+
+class LMOutput(NamedTuple):
+    """logits: (B, T, V); rnn: the HMLSTM's output (hidden and boundary sequences, final state)."""
+
+    logits: Tensor
+    rnn: HMLSTMOutput
+
+
+class CharLM(nn.Module):
+    """Character language model of the paper: embedding (no non-linearity) -> HMLSTM -> gated output
+    module -> logits over the vocabulary.
+
+    Args:
+        vocab_size: V.
+        hidden_sizes: HMLSTM layer sizes, e.g. (512, 512, 512) for PTB.
+        embed_size: input embedding, 128 in the paper.
+        output_size: E, the output embedding (512 for PTB, 2048 for text8/enwik8).
+        **hmlstm_options: boundary, copy_boundary, layer_norm, backend (see HMLSTM).
+    """
+
+    def __init__(self, vocab_size: int, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128,
+                 output_size: int = 512, **hmlstm_options) -> None:
+        super().__init__()
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.rnn = HMLSTM(embed_size, hidden_sizes, **hmlstm_options)
+        self.output = GatedOutput(self.rnn.hidden_sizes, output_size)
+        self.head = nn.Linear(output_size, vocab_size)
+
+    def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, slope: float | Tensor = 1.0,
+                generator: Optional[torch.Generator] = None) -> LMOutput:
+        """tokens: (B, T) int64 ids in [0, V) -> logits (B, T, V) predicting the next character."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (B, T), got dtype {tokens.dtype} "
+                             f"and shape {tuple(tokens.shape)}")
+        rnn = self.rnn(self.embed(tokens), state=state, slope=slope, generator=generator)
+        return LMOutput(self.head(self.output(rnn.h)), rnn)

@@ -1,0 +1,142 @@
+"""The reference HM-LSTM: one layer-step in plain PyTorch, written as PAPER.md writes it.
+
+This is the readable ground truth for values and gradients: every fused backend is tested against it.
+
+Pre-activation of layer l (eq. 5-7), rows in the order f, i, o, g, z (z only for non-top layers):
+
+    s = U h_{t-1}^l + z_{t-1}^l * V h_{t-1}^{l+1} + z_t^{l-1} * W h_t^{l-1} + b
+
+Operations (eq. 2-3), chosen by zb = z_{t-1}^l (own previous boundary) and zu = z_t^{l-1} (boundary of
+the layer below, 1 for the first layer):
+
+    FLUSH  (zb = 1):          c = i * g
+    UPDATE (zb = 0, zu = 1):  c = f * c_{t-1} + i * g
+    COPY   (zb = 0, zu = 0):  c = c_{t-1}, h = h_{t-1}
+
+The reference writes the choice arithmetically with z as a 0/1 float (PAPER.md, "the reference
+gradient"), so the straight-through gradient reaches every boundary through every branch and every
+gated term. This dense gradient is what the fused ops must reproduce.
+
+Layer normalization (PAPER.md leaves the placement to the code). Decision: following Ba et al.'s
+LN-LSTM, normalize the 4H gate pre-activations and the cell state before the tanh of h:
+
+    s[:4H] = LN(U h + zb V h' + zu W x) * gamma + b[:4H],    h = o * tanh(LN(c) * gamma_c + beta_c)
+
+We normalize the *sum* of the three terms rather than each term: a gated-off term is exactly zero, and
+normalizing a zero vector would inject its LN bias where the paper has no term at all. The single
+boundary unit is left out of the normalization: s_z = (U h + zb V h' + zu W x)[4H] + b[4H].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .boundary import boundary
+
+LN_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Static options of one layer.
+
+    boundary: "step" | "sample" | "soft"; copy_boundary: "hold" | "recompute" (PAPER.md, z on COPY);
+    layer_norm: LN on gates and cell; has_boundary: False for the top layer (no z row, never FLUSHes).
+    """
+
+    boundary: str = "step"
+    copy_boundary: str = "hold"
+    layer_norm: bool = False
+    has_boundary: bool = True
+
+
+class LayerParams(NamedTuple):
+    """Weights of one layer l with H = H_l, I = H_{l-1} (or the input size), Ha = H_{l+1} (0 on top).
+
+    G = 4H + 1 rows for non-top layers, 4H for the top layer, in the block order f, i, o, g, z.
+
+    W: (G, I) bottom-up, U: (G, H) recurrent, V: (G, Ha) top-down, b: (G,) bias.
+    ln_gates: (4H,) gain of the gate LN; ln_cell_w, ln_cell_b: (H,) gain and bias of the cell LN.
+    The three LN tensors are None when layer normalization is off.
+    """
+
+    W: Tensor
+    U: Tensor
+    V: Tensor
+    b: Tensor
+    ln_gates: Optional[Tensor] = None
+    ln_cell_w: Optional[Tensor] = None
+    ln_cell_b: Optional[Tensor] = None
+
+
+def _cell_act(c: Tensor, p: LayerParams) -> Tensor:
+    """tanh(c), or tanh(LN(c)) with layer norm on."""
+    if p.ln_cell_w is None:
+        return torch.tanh(c)
+    return torch.tanh(F.layer_norm(c, c.shape[-1:], p.ln_cell_w, p.ln_cell_b, LN_EPS))
+
+
+def naive_cell_step(
+    x: Tensor,
+    z_below: Tensor,
+    h: Tensor,
+    c: Tensor,
+    z: Tensor,
+    h_above: Tensor,
+    p: LayerParams,
+    slope: Tensor,
+    noise: Optional[Tensor],
+    cfg: CellConfig,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One step of one HM-LSTM layer (eq. 1-9), dense form.
+
+    Args:
+        x: (B, I) h_t^{l-1}, the input from below (the embedded character for l = 1).
+        z_below: (B,) z_t^{l-1}; ones for the first layer.
+        h, c: (B, H) h_{t-1}^l, c_{t-1}^l.
+        z: (B,) z_{t-1}^l; zeros for the top layer.
+        h_above: (B, Ha) h_{t-1}^{l+1}; (B, 0) for the top layer.
+        p: the layer's weights (see LayerParams).
+        slope: 0-dim tensor, hard sigmoid slope a > 0.
+        noise: (B,) uniform samples in [0, 1) for boundary="sample", else None.
+        cfg: the layer's static options.
+
+    Returns:
+        h_t: (B, H), c_t: (B, H), z_t: (B,) or None for a layer without boundary.
+    """
+    H = h.shape[-1]
+    zb = z.unsqueeze(-1)  # (B, 1) own previous boundary: gates the top-down term, selects FLUSH
+    zu = z_below.unsqueeze(-1)  # (B, 1) boundary from below: gates the bottom-up term, selects UPDATE
+    pre = h @ p.U.t() + zb * (h_above @ p.V.t()) + zu * (x @ p.W.t())  # (B, G), no bias yet
+    if p.ln_gates is None:
+        gates = pre[:, : 4 * H] + p.b[: 4 * H]
+    else:
+        gates = F.layer_norm(pre[:, : 4 * H], (4 * H,), p.ln_gates, p.b[: 4 * H], LN_EPS)
+    f = torch.sigmoid(gates[:, :H])
+    i = torch.sigmoid(gates[:, H : 2 * H])
+    o = torch.sigmoid(gates[:, 2 * H : 3 * H])
+    g = torch.tanh(gates[:, 3 * H :])
+
+    c_flush = i * g
+    c_update = f * c + i * g
+    h_flush = o * _cell_act(c_flush, p)
+    h_update = o * _cell_act(c_update, p)
+    c_new = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)
+    h_new = zb * h_flush + (1 - zb) * (zu * h_update + (1 - zu) * h)
+
+    if not cfg.has_boundary:
+        return h_new, c_new, None
+    zb1, zu1 = z, z_below
+    z_hat = boundary(pre[:, 4 * H] + p.b[4 * H], slope, cfg.boundary, noise)
+    if cfg.copy_boundary == "hold":
+        z_copy = z  # COPY keeps z_{t-1} (= 0): a pure no-op
+    else:
+        # "recompute": the boundary unit from the ungated recurrent term alone
+        z_copy = boundary(h @ p.U[4 * H] + p.b[4 * H], slope, cfg.boundary, noise)
+    z_new = zb1 * z_hat + (1 - zb1) * (zu1 * z_hat + (1 - zu1) * z_copy)
+    return h_new, c_new, z_new

@@ -1,0 +1,1 @@
+"""Triton kernels of the HM-LSTM layer-step; installed as `hmlstm.kernels`."""

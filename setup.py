@@ -1,0 +1,88 @@
+"""Build and install hmlstm.
+
+The C++ extension `hmlstm._C` (csrc/) is optional. It is built when torch can be imported at build time:
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+
+Environment flags:
+    HMLSTM_SKIP_BUILD=1        build no extension at all (pure Python: reference + Triton backends)
+    HMLSTM_SKIP_CUDA_BUILD=1   build the CPU part only, even where CUDA is available
+    HMLSTM_FORCE_CUDA_BUILD=1  build the CUDA part even if no GPU is visible (needs nvcc and a CUDA torch)
+    DEBUG=1                    -O0 -g
+    MAX_JOBS=N                 parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    with open(os.path.join(HERE, "hmlstm", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def extensions():
+    """The C++/CUDA extension, or nothing where it cannot be built (the package still works)."""
+    if flag("HMLSTM_SKIP_BUILD"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("hmlstm: torch is not importable at build time; installing without the C++ extension "
+              "(to build it: pip install torch first, then pip install --no-build-isolation -e .)")
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    if not cpp:
+        return [], {}
+    debug = flag("DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-fopenmp"] if os.name != "nt" else []
+    with_cuda = bool(cu) and not flag("HMLSTM_SKIP_CUDA_BUILD") and torch.version.cuda is not None \
+        and CUDA_HOME is not None and (torch.cuda.is_available() or flag("HMLSTM_FORCE_CUDA_BUILD"))
+    if with_cuda:
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
+        ext = CUDAExtension("hmlstm._C", cpp + cu, extra_compile_args={"cxx": cxx + ["-DHMLSTM_WITH_CUDA"],
+                                                                      "nvcc": nvcc},
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("hmlstm._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="hmlstm",
+    version=read_version(),
+    description="Hierarchical Multiscale LSTM for PyTorch: reference, fused Triton/C++/CUDA ops, Lightning training",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The top-level kernels/ folder installs as hmlstm.kernels, never as a package named `kernels`.
+    packages=["hmlstm", "hmlstm.ops", "hmlstm.kernels"],
+    package_dir={"hmlstm": "hmlstm", "hmlstm.kernels": "kernels"},
+    package_data={"hmlstm": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "pytorch-lightning>=2.2",
+        "jsonargparse[signatures]>=4.27",
+        "matplotlib>=3.5",
+        "ninja",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={"test": ["pytest>=7"], "tensorboard": ["tensorboard"]},
+    entry_points={"console_scripts": ["hmlstm = hmlstm.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
