@@ -70,9 +70,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The top-level kernels/ folder installs as hmlstm.kernels, never as a package named `kernels`.
-    packages=["hmlstm", "hmlstm.ops", "hmlstm.kernels"],
-    package_dir={"hmlstm": "hmlstm", "hmlstm.kernels": "kernels"},
-    package_data={"hmlstm": ["configs/*.yaml"]},
+    # configs/ ships inside the package too (hmlstm.configs), so `hmlstm fit` finds its defaults anywhere.
+    packages=["hmlstm", "hmlstm.ops", "hmlstm.kernels", "hmlstm.configs"],
+    package_dir={"hmlstm": "hmlstm", "hmlstm.kernels": "kernels", "hmlstm.configs": "configs"},
+    package_data={"hmlstm.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "pytorch-lightning>=2.2",

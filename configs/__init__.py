@@ -1,0 +1,1 @@
+"""Training configurations (LightningCLI YAML), installed as `hmlstm.configs`."""
