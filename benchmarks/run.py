@@ -1,0 +1,286 @@
+"""Speed of HM-LSTM backends against torch's LSTM (cuDNN on a GPU, oneDNN on the CPU); JSON out.
+
+    python benchmarks/run.py --suites ptb copy --out benchmarks/results/cpu.json           # CPU
+    python benchmarks/run.py --device cuda --dtypes float32 bfloat16 --out gpu.json       # GPU, all suites
+    python benchmarks/report.py benchmarks/results/cpu.json                              # tables + plots
+
+One record per (suite, size, provider, mode, dtype): median seconds, characters per second (B * T / median),
+peak memory (GPU only) and the speedup against `nn.LSTM` measured in the same run on the same input. A
+provider that fails records its error and the sweep goes on. The header names the device and versions.
+
+Providers: `hmlstm-<backend>` for each HM-LSTM backend, `lstm` (nn.LSTM with the same layers and sizes) and,
+on a GPU, `lstm-fp16-layers` (three single-layer fp16 nn.LSTMs, where cuDNN may use persistent kernels).
+Modes: `fw` (inference, no autograd) and `fwbw` (training step: forward, and backward of a random projection
+of the top layer's output). Inputs are (B, T, 128), the paper's character embedding size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from patterns import force_boundaries, work_fractions  # noqa: E402
+
+import hmlstm  # noqa: E402
+from hmlstm import HMLSTM  # noqa: E402
+
+INPUT = 128
+
+
+@dataclass(frozen=True)
+class Size:
+    B: int
+    T: int
+    H: int
+    L: int = 3
+    rate: Optional[float] = None  # forced upper-layer update rate (copy suite), None: natural weights
+
+
+def suites(device: str) -> dict[str, list[Size]]:
+    """The paper's PTB and text8 sizes, the sweeps of issue 5, and the COPY-skipping sweep."""
+    return {
+        "ptb": [Size(64, 100, 512)],
+        "text8": [Size(128, 100, 1024)],
+        "batch": [Size(b, 100, 512) for b in (1, 16, 64, 256)],
+        "hidden": [Size(64, 100, h) for h in (256, 512, 1024)],
+        "steps": [Size(64, t, 512) for t in (100, 1000)],
+        "copy": [Size(64, 100, 512, rate=r) for r in (1.0, 0.5, 0.2, 0.05)],
+        # tiny sizes: checks that the harness runs end to end (tests), not a measurement
+        "smoke": [Size(2, 5, 16), Size(2, 5, 16, rate=1.0), Size(2, 5, 16, rate=0.5)],
+    }
+
+
+@dataclass
+class Record:
+    suite: str
+    provider: str
+    mode: str
+    dtype: str
+    B: int
+    T: int
+    H: int
+    L: int
+    rate: Optional[float] = None
+    median_s: Optional[float] = None
+    iqr_s: Optional[float] = None
+    runs: int = 0
+    chars_per_s: Optional[float] = None
+    peak_mem_bytes: Optional[int] = None
+    speedup_vs_lstm: Optional[float] = None
+    work: Optional[dict] = None
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def header(device: torch.device) -> dict:
+    h = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "hmlstm": hmlstm.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "backends": hmlstm.available_backends(device),
+    }
+    try:
+        import triton
+
+        h["triton"] = triton.__version__
+    except ImportError:
+        h["triton"] = None
+    if device.type == "cuda":
+        h["device"] = torch.cuda.get_device_name(device)
+        h["cuda"] = torch.version.cuda
+        h["cudnn"] = torch.backends.cudnn.version()
+        try:
+            h["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            h["driver"] = f"unknown ({e})"
+    else:
+        h["device"] = cpu_name()
+        h["onednn"] = torch.backends.mkldnn.is_available()
+    return h
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+# -- providers: build (model, input) and a step function ---------------------------------------------
+
+
+def build(provider: str, size: Size, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Returns (forward_fn, params) where forward_fn(x) -> top-layer output (B, T, H)."""
+    torch.manual_seed(seed)
+    if provider.startswith("hmlstm-"):
+        model = HMLSTM(INPUT, (size.H,) * size.L, backend=provider.split("-", 1)[1])
+        x = torch.randn(size.B, size.T, INPUT)
+        if size.rate is not None:
+            x = force_boundaries(model, x, size.rate, seed)
+        model = model.to(device=device, dtype=dtype)
+        return (lambda inp: model(inp).h[-1]), model, x.to(device=device, dtype=dtype)
+    x = torch.randn(size.B, size.T, INPUT, device=device, dtype=dtype)
+    if provider == "lstm":
+        lstm = nn.LSTM(INPUT, size.H, num_layers=size.L, batch_first=True).to(device=device, dtype=dtype)
+        return (lambda inp: lstm(inp)[0]), lstm, x
+    if provider == "lstm-fp16-layers":
+        layers = nn.ModuleList(nn.LSTM(INPUT if k == 0 else size.H, size.H, batch_first=True)
+                               for k in range(size.L)).to(device=device, dtype=torch.float16)
+
+        def fw(inp):
+            for layer in layers:
+                inp = layer(inp)[0]
+            return inp
+
+        return fw, layers, x.to(torch.float16)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_step(mode: str, fw: Callable, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    if mode == "fw":
+        def step():
+            with torch.no_grad():
+                fw(x)
+        return step
+    gen = torch.Generator(device=x.device).manual_seed(1)
+    upstream = {}
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        y = fw(x)
+        if "g" not in upstream:
+            upstream["g"] = torch.randn(y.shape, device=y.device, dtype=y.dtype, generator=gen)
+        (y * upstream["g"]).sum().backward()
+    return step
+
+
+def time_cpu(step: Callable, min_time: float) -> tuple[float, float, int]:
+    from torch.utils import benchmark
+
+    step()  # warm-up: first-call allocations and lazy initialization stay out of the numbers
+    m = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()) \
+        .blocked_autorange(min_run_time=min_time)
+    return m.median, m.iqr, len(m.times)
+
+
+def time_cuda(step: Callable, min_time: float) -> tuple[float, float, int]:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times, t_end = [], time.perf_counter() + min_time
+    while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 200):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    q = statistics.quantiles(times, n=4)
+    return statistics.median(times), q[2] - q[0], len(times)
+
+
+def measure(suite: str, provider: str, mode: str, size: Size, dtype: torch.dtype, device: torch.device,
+            min_time: float) -> Record:
+    rec = Record(suite, provider, mode, str(dtype).split(".")[-1], size.B, size.T, size.H, size.L, size.rate)
+    try:
+        fw, module, x = build(provider, size, dtype, device)
+        if size.rate is not None and provider.startswith("hmlstm-"):
+            with torch.no_grad():
+                out = module(x)
+            rec.work = work_fractions(module, out)
+        step = make_step(mode, fw, module, x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            rec.median_s, rec.iqr_s, rec.runs = time_cuda(step, min_time)
+            rec.peak_mem_bytes = torch.cuda.max_memory_allocated(device) - base
+        else:
+            rec.median_s, rec.iqr_s, rec.runs = time_cpu(step, min_time)
+        rec.chars_per_s = size.B * size.T / rec.median_s
+    except Exception as e:  # a failing provider is recorded, and the sweep goes on
+        rec.error = f"{type(e).__name__}: {e}"[:500]
+    return rec
+
+
+def add_speedups(records: list[Record]) -> None:
+    """speedup_vs_lstm = t(nn.LSTM) / t(provider), for the same size, mode and dtype in this run."""
+    key = lambda r: (r.B, r.T, r.H, r.L, r.mode, r.dtype)  # noqa: E731
+    lstm = {key(r): r.median_s for r in records if r.provider == "lstm" and r.median_s}
+    for r in records:
+        if r.median_s and key(r) in lstm:
+            r.speedup_vs_lstm = lstm[key(r)] / r.median_s
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--suites", nargs="+", default=["ptb", "text8", "batch", "hidden", "steps", "copy"],
+                   help="ptb, text8, batch, hidden, steps, copy (forced boundary rates), smoke (tiny, for tests)")
+    p.add_argument("--providers", nargs="+", default=None,
+                   help="default: every available hmlstm backend, lstm, and lstm-fp16-layers on a GPU")
+    p.add_argument("--modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"])
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    p.add_argument("--skip", nargs="*", default=[],
+                   help="provider:suite pairs to leave out, e.g. hmlstm-reference:text8 (too slow)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    providers = args.providers or ([f"hmlstm-{b}" for b in hmlstm.available_backends(device)] + ["lstm"]
+                                   + (["lstm-fp16-layers"] if device.type == "cuda" else []))
+    table = suites(args.device)
+    unknown = [s for s in args.suites if s not in table]
+    if unknown:
+        raise SystemExit(f"--suites: unknown {unknown}; choose from {sorted(table)}")
+    result = {"header": header(device), "records": []}
+    records: list[Record] = []
+    todo = [(s, size, prov, mode, dt) for s in args.suites for size in table[s] for dt in args.dtypes
+            for mode in args.modes for prov in providers
+            # nn.LSTM has no boundaries: it is measured once per size, at the 100% rate
+            if f"{prov}:{s}" not in args.skip and not (not prov.startswith("hmlstm-")
+                                                       and size.rate not in (None, 1.0))
+            and not (prov == "lstm-fp16-layers" and dt != "float32")]
+    for n, (suite, size, prov, mode, dt) in enumerate(todo, 1):
+        rec = measure(suite, prov, mode, size, getattr(torch, dt), device, args.min_time)
+        records.append(rec)
+        shown = f"{rec.median_s * 1e3:9.2f} ms" if rec.median_s else f"FAILED {rec.error}"
+        print(f"[{n}/{len(todo)}] {suite:6s} {prov:18s} {mode:4s} {dt:8s} B={size.B:<3d} T={size.T:<4d} "
+              f"H={size.H:<4d} rate={size.rate} {shown}", flush=True)
+        add_speedups(records)
+        result["records"] = [asdict(r) for r in records]
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:  # written after every record: an interrupted sweep keeps what it measured
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The benchmark harness runs end to end (tiny sizes: no timing is asserted) and forces boundary rates."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from patterns import force_boundaries, work_fractions  # noqa: E402
+
+from hmlstm import HMLSTM  # noqa: E402
+
+
+def test_forced_rate_drives_every_boundary_layer():
+    torch.manual_seed(0)
+    model = HMLSTM(12, (16, 16, 16), backend="reference")
+    x = force_boundaries(model, torch.randn(8, 100, 12), rate=0.2)
+    with torch.no_grad():
+        out = model(x)
+    fire = (x[..., 0] > 0).float()
+    assert torch.equal(out.z[0], fire)  # layer 1 follows the pattern exactly
+    assert torch.equal(out.z[1], out.z[1] * fire)  # layer 2 fires only where the pattern fires
+    assert 0.1 < out.z[1].mean().item() <= fire.mean().item()
+    w = work_fractions(model, out)
+    assert w["running"][0] == 1.0 and w["running"][2] < w["running"][1] < 1.0
+    assert 0.3 < w["ideal_time_fraction"] < 0.7
+
+
+def test_run_and_report_end_to_end(tmp_path):
+    out = tmp_path / "smoke.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suites", "smoke", "--min-time", "0.01",
+           "--providers", "hmlstm-reference", "lstm", "hmlstm-not-a-backend", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "date", "triton"} <= data["header"].keys()
+    recs = data["records"]
+    ok = [r for r in recs if r["provider"] == "hmlstm-reference"]
+    assert len(ok) == 6 and all(r["median_s"] > 0 and r["chars_per_s"] > 0 for r in ok)
+    assert all(r["speedup_vs_lstm"] is not None for r in ok)
+    assert all(r["work"] for r in ok if r["rate"] is not None)
+    lstm = [r for r in recs if r["provider"] == "lstm"]
+    assert len(lstm) == 4  # no LSTM run at a forced rate below 100%
+    failed = [r for r in recs if r["provider"] == "hmlstm-not-a-backend"]
+    assert failed and all(r["error"] and r["median_s"] is None for r in failed)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                   capture_output=True, timeout=120)
+    md = (tmp_path / "smoke.md").read_text()
+    assert "hmlstm-reference" in md and "failed" in md
+    png = (tmp_path / "smoke-copy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
