@@ -198,6 +198,10 @@ class HMLSTM(nn.Module):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {w.device}; "
                              f"move one of them (model.to(x.device))")
+        # Under autocast the matmuls pick their own precision; otherwise a mismatch would fail deep in a matmul.
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {w.dtype}; cast one of them "
+                            f"(x.to({w.dtype}) or model.to({x.dtype})), or run under torch.autocast")
 
     @staticmethod
     def _check_slope(slope: float | Tensor, x: Tensor) -> Tensor:
@@ -231,4 +235,6 @@ class HMLSTM(nn.Module):
         for t in h + c + z:
             if t.device != x.device:
                 raise ValueError(f"state tensors must be on {x.device} like x, got one on {t.device}")
+            if not t.is_floating_point():
+                raise TypeError(f"state tensors must be floating point, got dtype {t.dtype}")
         return HMLSTMState(h, c, z)

@@ -196,6 +196,8 @@ def test_slope_as_tensor_equals_float():
     (lambda m: m(torch.randn(2, 4, dtype=F64)), ValueError, ["x", "(B, T, 4)"]),
     (lambda m: m(torch.randn(2, 3, 5, dtype=F64)), ValueError, ["input_size=4"]),
     (lambda m: m(torch.zeros(2, 3, 4, dtype=torch.long)), TypeError, ["floating point"]),
+    (lambda m: m(torch.zeros(2, 3, 4, dtype=torch.float32)), TypeError, ["torch.float32", "torch.float64"]),
+    (lambda m: m(torch.zeros(0, 3, 4, dtype=F64)), ValueError, ["B >= 1", "T >= 1"]),
     (lambda m: m(torch.randn(2, 3, 4, dtype=F64), slope=0.0), ValueError, ["slope", "> 0"]),
     (lambda m: m(torch.randn(2, 3, 4, dtype=F64), slope=-1.0), ValueError, ["slope", "> 0"]),
     (lambda m: m(torch.randn(2, 3, 4, dtype=F64), slope=torch.tensor([1.0, 2.0])), ValueError, ["slope"]),
@@ -203,7 +205,7 @@ def test_slope_as_tensor_equals_float():
      ["state.h[0]", "(2, 5)"]),
     (lambda m: m(torch.randn(2, 3, 4, dtype=F64), state=HMLSTM(4, (5, 3)).initial_state(2)), ValueError,
      ["state", "3-layer"]),
-], ids=["rank", "size", "dtype", "slope0", "slope-neg", "slope-shape", "state-batch", "state-layers"])
+], ids=["rank", "size", "dtype", "dtype-mismatch", "empty", "slope0", "slope-neg", "slope-shape", "state-batch", "state-layers"])
 def test_bad_call_arguments(call, exc, words):
     with pytest.raises(exc) as info:
         call(small_model())
