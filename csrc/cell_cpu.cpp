@@ -1,0 +1,700 @@
+// CPU kernels of the fused HM-LSTM layer-step: hmlstm::cell_fwd and hmlstm::cell_bwd (schemas in ops.cpp).
+//
+// The math is hmlstm/reference.py's naive_cell_step; read its docstring first. Row b of a batch is
+//
+//   COPY    z_{t-1} == 0 and z_below == 0 exactly: h, c (and z under `hold`) are copied, no gate work;
+//   active  otherwise: FLUSH (z_{t-1} = 1), UPDATE (z_{t-1} = 0, z_below = 1) or, in soft mode, a mix.
+//
+// Forward: one GEMM per term over the rows whose gate is non-zero (U h for the active rows, V h_above for
+// z_{t-1} != 0, W x for z_below != 0), then one parallel pass over the rows for gates, LN, c, h and z.
+// Backward: the dense straight-through gradient of the reference (PAPER.md), which at a row also needs
+// the branches not taken and the gated-off products. The branches come from the saved bias-free
+// pre-activation `pre` (for COPY rows the forward adds U h to it only when a z gradient is wanted:
+// `dense_copy`); the gated-off products enter the z gradient only as <ds, V h_above> = <V^T ds, h_above>,
+// and V^T ds is a GEMM the backward does anyway for the rows where the gate is on, so we extend it to the
+// active rows instead of materializing V h_above in the forward.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace hmlstm {
+namespace {
+
+constexpr int64_t kStep = 0, kSample = 1, kSoft = 2;
+constexpr double kLnEps = 1e-5;  // hmlstm.reference.LN_EPS
+
+template <typename T>
+inline T sigm(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// The boundary value of pre-activation s (hmlstm/boundary.py): step is `s > 0` exactly.
+template <typename T>
+inline T boundary_value(T s, T slope, int64_t mode, T noise) {
+  if (mode == kStep) return s > T(0) ? T(1) : T(0);
+  const T hs = std::min(std::max((slope * s + T(1)) * T(0.5), T(0)), T(1));
+  if (mode == kSample) return noise < hs ? T(1) : T(0);
+  return hs;
+}
+
+// dz/ds: straight-through (slope/2 where |slope s| < 1) for step and sample; for soft, the derivative
+// of clamp, which autograd passes at the bounds too.
+template <typename T>
+inline T boundary_grad(T s, T slope, int64_t mode) {
+  if (mode == kSoft) {
+    const T v = (slope * s + T(1)) * T(0.5);
+    return (v >= T(0) && v <= T(1)) ? T(0.5) * slope : T(0);
+  }
+  return std::abs(slope * s) < T(1) ? T(0.5) * slope : T(0);
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+// Mean and 1/sqrt(var + eps) of v[0:n] (biased variance, as F.layer_norm), accumulated in double.
+template <typename T>
+inline void ln_stats(const T* v, int64_t n, T& mean, T& rstd) {
+  double s = 0;
+  for (int64_t j = 0; j < n; ++j) s += v[j];
+  const double m = s / n;
+  double q = 0;
+  for (int64_t j = 0; j < n; ++j) q += (v[j] - m) * (v[j] - m);
+  mean = T(m);
+  rstd = T(1.0 / std::sqrt(q / n + kLnEps));
+}
+
+// Row-local part of the LN backward: dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)).
+template <typename T>
+inline void ln_backward(const T* dxh, const T* xh, T rstd, int64_t n, T* dx) {
+  double s1 = 0, s2 = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s1 += dxh[j];
+    s2 += dxh[j] * xh[j];
+  }
+  const T m1 = T(s1 / n), m2 = T(s2 / n);
+  for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dxh[j] - m1 - xh[j] * m2);
+}
+
+// Raw views of one call's inputs (all contiguous, one dtype).
+template <typename T>
+struct Cell {
+  int64_t B, I, H, Ha, G;
+  bool has_z, ln, recompute;
+  int64_t mode;
+  T slope;
+  const T *x, *zu, *h, *c, *zb, *ha, *U, *b, *lng, *lcw, *lcb, *noise;
+};
+
+// act = tanh(c) or tanh(LN(c) * w + bb) over H; with LN also the normalized c (xh) and its rstd.
+template <typename T>
+inline void cell_act(const Cell<T>& L, const T* cv, T* act, T* xh, T& rstd) {
+  const int64_t H = L.H;
+  if (!L.ln) {
+    for (int64_t j = 0; j < H; ++j) act[j] = std::tanh(cv[j]);
+    return;
+  }
+  T mean;
+  ln_stats(cv, H, mean, rstd);
+  for (int64_t j = 0; j < H; ++j) {
+    xh[j] = (cv[j] - mean) * rstd;
+    act[j] = std::tanh(xh[j] * L.lcw[j] + L.lcb[j]);
+  }
+}
+
+// Backward of cell_act: d_act -> dcv (overwrites), accumulating the cell-LN parameter gradients.
+template <typename T>
+inline void cell_act_backward(const Cell<T>& L, const T* d_act, const T* act, const T* xh, T rstd, T* dcv,
+                              T* dlcw, T* dlcb, T* scratch) {
+  const int64_t H = L.H;
+  if (!L.ln) {
+    for (int64_t j = 0; j < H; ++j) dcv[j] = d_act[j] * (T(1) - act[j] * act[j]);
+    return;
+  }
+  for (int64_t j = 0; j < H; ++j) {
+    const T dy = d_act[j] * (T(1) - act[j] * act[j]);
+    dlcw[j] += dy * xh[j];
+    dlcb[j] += dy;
+    scratch[j] = dy * L.lcw[j];
+  }
+  ln_backward(scratch, xh, rstd, H, dcv);
+}
+
+// Activated gates f, i, o, g (4H) from the bias-free pre-activation s.
+template <typename T>
+inline void gates_from_pre(const Cell<T>& L, const T* s, T* gate, T& mean, T& rstd) {
+  const int64_t H4 = 4 * L.H, H3 = 3 * L.H;
+  if (L.ln) {
+    ln_stats(s, H4, mean, rstd);
+    for (int64_t j = 0; j < H4; ++j) gate[j] = (s[j] - mean) * rstd * L.lng[j] + L.b[j];
+  } else {
+    for (int64_t j = 0; j < H4; ++j) gate[j] = s[j] + L.b[j];
+  }
+  for (int64_t j = 0; j < H3; ++j) gate[j] = sigm(gate[j]);
+  for (int64_t j = H3; j < H4; ++j) gate[j] = std::tanh(gate[j]);
+}
+
+// z_copy under `recompute`: the boundary unit from U h + b alone.
+template <typename T>
+inline T recompute_pre(const Cell<T>& L, int64_t r, const T* pu) {
+  const int64_t H4 = 4 * L.H;
+  return (pu != nullptr ? pu[H4] : dot(L.h + r * L.H, L.U + H4 * L.H, L.H)) + L.b[H4];
+}
+
+struct Rows {
+  std::vector<int64_t> active;  // not COPY
+  std::vector<int64_t> pos;     // row -> its position in `active`, -1 for COPY
+  std::vector<int64_t> td;      // z_{t-1} != 0: the top-down term is on
+  std::vector<int64_t> bu;      // z_below != 0: the bottom-up term is on
+};
+
+template <typename T>
+Rows classify(const T* zb, const T* zu, int64_t B) {
+  Rows rs;
+  rs.pos.assign(B, -1);
+  for (int64_t r = 0; r < B; ++r) {
+    if (zb[r] != T(0)) rs.td.push_back(r);
+    if (zu[r] != T(0)) rs.bu.push_back(r);
+    if (zb[r] != T(0) || zu[r] != T(0)) {
+      rs.pos[r] = static_cast<int64_t>(rs.active.size());
+      rs.active.push_back(r);
+    }
+  }
+  return rs;
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& idx) {
+  return at::from_blob(const_cast<int64_t*>(idx.data()), {static_cast<int64_t>(idx.size())}, at::kLong);
+}
+
+// Rows idx of a (B, K) matrix; a itself, no copy, when idx lists every row.
+at::Tensor take_rows(const at::Tensor& a, const std::vector<int64_t>& idx) {
+  if (static_cast<int64_t>(idx.size()) == a.size(0)) return a;
+  return a.index_select(0, index_tensor(idx));
+}
+
+std::vector<int64_t> position_map(const std::vector<int64_t>& idx, int64_t B) {
+  std::vector<int64_t> m(B, -1);
+  for (size_t k = 0; k < idx.size(); ++k) m[idx[k]] = static_cast<int64_t>(k);
+  return m;
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts, bool poison) {
+  at::Tensor t = at::empty(shape, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+const at::Tensor& checked(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == dim, "hmlstm::cell: ", name, " must have ", dim, " dimensions, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "hmlstm::cell: ", name, " has dtype ", t.scalar_type(),
+              " but x has ", like.scalar_type(), "; pass every tensor in one dtype");
+  TORCH_CHECK(t.device().is_cpu(), "hmlstm::cell (CPU kernel): ", name, " is on ", t.device());
+  return t;
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Contiguous copies (no-ops when already contiguous) of every input, kept alive for the raw pointers.
+struct Inputs {
+  at::Tensor x, zu, h, c, zb, ha, W, U, V, b;
+  std::optional<at::Tensor> lng, lcw, lcb, noise;
+  int64_t B, I, H, Ha, G;
+  bool has_z;
+
+  Inputs(const at::Tensor& x_, const at::Tensor& zu_, const at::Tensor& h_, const at::Tensor& c_,
+         const at::Tensor& zb_, const at::Tensor& ha_, const at::Tensor& W_, const at::Tensor& U_,
+         const at::Tensor& V_, const at::Tensor& b_, const std::optional<at::Tensor>& lng_,
+         const std::optional<at::Tensor>& lcw_, const std::optional<at::Tensor>& lcb_,
+         const std::optional<at::Tensor>& noise_, int64_t mode) {
+    x = checked(x_, "x", 2, x_).contiguous();
+    zu = checked(zu_, "z_below", 1, x_).contiguous();
+    h = checked(h_, "h", 2, x_).contiguous();
+    c = checked(c_, "c", 2, x_).contiguous();
+    zb = checked(zb_, "z", 1, x_).contiguous();
+    ha = checked(ha_, "h_above", 2, x_).contiguous();
+    W = checked(W_, "W", 2, x_).contiguous();
+    U = checked(U_, "U", 2, x_).contiguous();
+    V = checked(V_, "V", 2, x_).contiguous();
+    b = checked(b_, "b", 1, x_).contiguous();
+    B = x.size(0);
+    I = x.size(1);
+    H = h.size(1);
+    Ha = ha.size(1);
+    G = U.size(0);
+    has_z = G == 4 * H + 1;
+    TORCH_CHECK(G == 4 * H || has_z, "hmlstm::cell: U must have 4H or 4H+1 rows for H = ", H, ", got ",
+                U.sizes());
+    TORCH_CHECK(U.size(1) == H && W.size(0) == G && W.size(1) == I && V.size(0) == G && V.size(1) == Ha &&
+                    b.size(0) == G,
+                "hmlstm::cell: weight shapes W ", W.sizes(), " U ", U.sizes(), " V ", V.sizes(), " b ",
+                b.sizes(), " do not fit x ", x.sizes(), " h ", h.sizes(), " h_above ", ha.sizes());
+    TORCH_CHECK(zu.size(0) == B && zb.size(0) == B && h.size(0) == B && ha.size(0) == B &&
+                    c.sizes() == h.sizes(),
+                "hmlstm::cell: batch sizes differ: x ", x.sizes(), " z_below ", zu.sizes(), " h ", h.sizes(),
+                " c ", c.sizes(), " z ", zb.sizes(), " h_above ", ha.sizes());
+    TORCH_CHECK(lng_.has_value() == lcw_.has_value() && lcw_.has_value() == lcb_.has_value(),
+                "hmlstm::cell: pass all three layer-norm tensors or none");
+    if (lng_.has_value()) {
+      lng = checked(*lng_, "ln_gates", 1, x_).contiguous();
+      lcw = checked(*lcw_, "ln_cell_w", 1, x_).contiguous();
+      lcb = checked(*lcb_, "ln_cell_b", 1, x_).contiguous();
+      TORCH_CHECK(lng->size(0) == 4 * H && lcw->size(0) == H && lcb->size(0) == H,
+                  "hmlstm::cell: layer-norm shapes must be (4H,), (H,), (H,) for H = ", H);
+    }
+    TORCH_CHECK(mode == kStep || mode == kSample || mode == kSoft,
+                "hmlstm::cell: boundary_mode must be 0 (step), 1 (sample) or 2 (soft), got ", mode);
+    if (mode == kSample && has_z) {
+      TORCH_CHECK(noise_.has_value(), "hmlstm::cell: boundary_mode 1 (sample) needs noise");
+      noise = checked(*noise_, "noise", 1, x_).contiguous();
+      TORCH_CHECK(noise->size(0) == B, "hmlstm::cell: noise must have shape (B,)");
+    }
+  }
+
+  template <typename T>
+  Cell<T> view(int64_t mode, bool recompute, const at::Tensor& slope) const {
+    Cell<T> L;
+    L.B = B, L.I = I, L.H = H, L.Ha = Ha, L.G = G;
+    L.has_z = has_z, L.ln = lng.has_value(), L.recompute = recompute, L.mode = mode;
+    L.slope = slope.item<T>();
+    L.x = x.data_ptr<T>(), L.zu = zu.data_ptr<T>(), L.h = h.data_ptr<T>(), L.c = c.data_ptr<T>();
+    L.zb = zb.data_ptr<T>(), L.ha = ha.data_ptr<T>(), L.U = U.data_ptr<T>(), L.b = b.data_ptr<T>();
+    L.lng = opt_ptr<T>(lng), L.lcw = opt_ptr<T>(lcw), L.lcb = opt_ptr<T>(lcb), L.noise = opt_ptr<T>(noise);
+    return L;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::vector<int64_t>& mapU,
+                  const T* tV, const std::vector<int64_t>& mapV, const T* tW, const std::vector<int64_t>& mapW,
+                  T* pre_out, T* h_out, T* c_out, T* z_out) {
+  const int64_t H = L.H, G = L.G, H4 = 4 * H;
+  at::parallel_for(0, L.B, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> sbuf(G), gate(H4), cf(H), cu(H), af(H), au(H), xh(H);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T zb = L.zb[r], zu = L.zu[r];
+      const T *hr = L.h + r * H, *cr = L.c + r * H;
+      T *ho = h_out + r * H, *co = c_out + r * H;
+      const T* pu = mapU[r] >= 0 ? preU + mapU[r] * G : nullptr;
+      const T noise = L.noise != nullptr ? L.noise[r] : T(0);
+      if (rs.pos[r] < 0) {  // COPY: no gate work
+        std::copy(hr, hr + H, ho);
+        std::copy(cr, cr + H, co);
+        if (pre_out != nullptr) {  // U h when a z gradient needs it, else zeros the backward never reads
+          T* pr = pre_out + r * G;
+          if (pu != nullptr) {
+            std::copy(pu, pu + G, pr);
+          } else {
+            std::fill(pr, pr + G, T(0));
+          }
+        }
+        if (L.has_z)
+          z_out[r] = L.recompute ? boundary_value(recompute_pre(L, r, pu), L.slope, L.mode, noise) : zb;
+        continue;
+      }
+      T* s = pre_out != nullptr ? pre_out + r * G : sbuf.data();
+      const T* pv = mapV[r] >= 0 ? tV + mapV[r] * G : nullptr;
+      const T* pw = mapW[r] >= 0 ? tW + mapW[r] * G : nullptr;
+      for (int64_t j = 0; j < G; ++j) {
+        T v = pu[j];
+        if (pv != nullptr) v += zb * pv[j];
+        if (pw != nullptr) v += zu * pw[j];
+        s[j] = v;
+      }
+      T mean, rstd;
+      gates_from_pre(L, s, gate.data(), mean, rstd);
+      const T *f = gate.data(), *i = f + H, *o = f + 2 * H, *g = f + 3 * H;
+      // Which branches of c = zb cf + (1 - zb)(zu cu + (1 - zu) c) have a non-zero weight.
+      const bool flush = zb != T(0), update = zb != T(1) && zu != T(0), keep = zb != T(1) && zu != T(1);
+      T rf = 0, ru = 0;
+      if (flush) {
+        for (int64_t j = 0; j < H; ++j) cf[j] = i[j] * g[j];
+        cell_act(L, cf.data(), af.data(), xh.data(), rf);
+      }
+      if (update) {
+        for (int64_t j = 0; j < H; ++j) cu[j] = f[j] * cr[j] + i[j] * g[j];
+        cell_act(L, cu.data(), au.data(), xh.data(), ru);
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        T cn = flush ? zb * cf[j] : T(0), hn = flush ? zb * (o[j] * af[j]) : T(0);
+        if (zb != T(1)) {
+          const T ci = (update ? zu * cu[j] : T(0)) + (keep ? (T(1) - zu) * cr[j] : T(0));
+          const T hi = (update ? zu * (o[j] * au[j]) : T(0)) + (keep ? (T(1) - zu) * hr[j] : T(0));
+          cn += (T(1) - zb) * ci;
+          hn += (T(1) - zb) * hi;
+        }
+        co[j] = cn;
+        ho[j] = hn;
+      }
+      if (L.has_z) {
+        const T zhat = boundary_value(s[H4] + L.b[H4], L.slope, L.mode, noise);
+        T zc = 0;
+        if (keep) zc = L.recompute ? boundary_value(pu[H4] + L.b[H4], L.slope, L.mode, noise) : zb;
+        z_out[r] = zb * zhat + (T(1) - zb) * (zu * zhat + (keep ? (T(1) - zu) * zc : T(0)));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
+    const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, const at::Tensor& b,
+    const std::optional<at::Tensor>& ln_gates, const std::optional<at::Tensor>& ln_cell_w,
+    const std::optional<at::Tensor>& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
+    int64_t boundary_mode, bool recompute, bool save, bool dense_copy, bool poison) {
+  const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+  const auto opts = in.x.options();
+  const int64_t B = in.B, H = in.H, G = in.G;
+  at::Tensor h_out = new_output({B, H}, opts, poison);
+  at::Tensor c_out = new_output({B, H}, opts, poison);
+  at::Tensor z_out = new_output({in.has_z ? B : 0}, opts, poison);
+  at::Tensor pre = new_output({save ? B : 0, G}, opts, poison);
+  if (!save) pre = pre.view({0});
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_fwd_cpu", [&] {
+    using T = scalar_t;
+    const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
+    const Rows rs = classify(L.zb, L.zu, B);
+    // U h: the active rows, and with dense_copy every row (one GEMM without a gather).
+    std::vector<int64_t> all_rows;
+    const bool u_all = save && dense_copy;
+    if (u_all) {
+      all_rows.resize(B);
+      for (int64_t r = 0; r < B; ++r) all_rows[r] = r;
+    }
+    const std::vector<int64_t>& u_rows = u_all ? all_rows : rs.active;
+    at::Tensor preU, tV, tW;
+    if (!u_rows.empty()) preU = at::mm(take_rows(in.h, u_rows), in.U.t());
+    if (!rs.td.empty() && in.Ha > 0) tV = at::mm(take_rows(in.ha, rs.td), in.V.t());
+    if (!rs.bu.empty() && in.I > 0) tW = at::mm(take_rows(in.x, rs.bu), in.W.t());
+    const std::vector<int64_t> none(B, -1);
+    forward_rows<T>(L, rs, preU.defined() ? preU.data_ptr<T>() : nullptr, position_map(u_rows, B),
+                    tV.defined() ? tV.data_ptr<T>() : nullptr, tV.defined() ? position_map(rs.td, B) : none,
+                    tW.defined() ? tW.data_ptr<T>() : nullptr, tW.defined() ? position_map(rs.bu, B) : none,
+                    save ? pre.data_ptr<T>() : nullptr, h_out.data_ptr<T>(), c_out.data_ptr<T>(),
+                    in.has_z ? z_out.data_ptr<T>() : nullptr);
+  });
+  return {h_out, c_out, z_out, pre};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+
+enum Grad { kX, kZBelow, kH, kC, kZ, kHAbove, kW, kU, kV, kB, kLnGates, kLnCellW, kLnCellB, kNumGrads };
+
+template <typename T>
+struct BwdBuffers {
+  const T *pre, *gh, *gc, *gz;
+  T *ds, *dh, *dc, *dzb, *dzu, *ds_copy;  // ds: (n_active, G); dzb, dzu: (B,) row-local parts
+  T *da, *dgain, *dlcw, *dlcb;            // with LN: per active row (n_active, 4H | H)
+};
+
+template <typename T>
+void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffers<T>& o) {
+  const int64_t H = L.H, G = L.G, H4 = 4 * H;
+  at::parallel_for(0, L.B, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<T> gate(H4), cf(H), cu(H), af(H), au(H), xf(H), xu(H), dcf(H), dcu(H), dob(H), tmp(H), tmp2(H),
+        da(H4), xg(H4);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T zb = L.zb[r], zu = L.zu[r];
+      const T wF = zb, wU = (T(1) - zb) * zu, wC = (T(1) - zb) * (T(1) - zu);
+      const T *hr = L.h + r * H, *cr = L.c + r * H;
+      const T *dh = o.gh + r * H, *dc = o.gc + r * H;
+      const T dz = L.has_z ? o.gz[r] : T(0);
+      const T noise = L.noise != nullptr ? L.noise[r] : T(0);
+      T *dhp = o.dh + r * H, *dcp = o.dc + r * H;
+      const int64_t k = rs.pos[r];
+      // z_copy and, under `recompute`, its own straight-through path into U[4H], h and b[4H].
+      T zc = zb, s_copy = 0;
+      const bool need_zc = L.has_z && L.recompute && (wC != T(0) || zgrad);
+      if (need_zc) {
+        s_copy = recompute_pre<T>(L, r, nullptr);
+        zc = boundary_value(s_copy, L.slope, L.mode, noise);
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        dcp[j] = wC * dc[j];
+        dhp[j] = wC * dh[j];
+      }
+      if (L.has_z && L.recompute) {
+        const T d = wC != T(0) ? dz * wC * boundary_grad(s_copy, L.slope, L.mode) : T(0);
+        o.ds_copy[r] = d;
+        if (d != T(0)) {
+          const T* u4 = L.U + H4 * H;
+          for (int64_t j = 0; j < H; ++j) dhp[j] += d * u4[j];
+        }
+      }
+      if (k < 0 && !zgrad) continue;  // COPY, nothing else wanted: h and c gradients pass through
+
+      // Recompute the gates and the branches (all of them when the z gradients need them).
+      const T* s = o.pre + r * G;
+      T gmean = 0, grstd = 0;
+      gates_from_pre(L, s, gate.data(), gmean, grstd);
+      const T *f = gate.data(), *i = f + H, *og = f + 2 * H, *g = f + 3 * H;
+      const bool doF = wF != T(0) || zgrad, doU = wU != T(0) || zgrad;
+      T rf = 0, ru = 0;
+      if (doF) {
+        for (int64_t j = 0; j < H; ++j) cf[j] = i[j] * g[j];
+        cell_act(L, cf.data(), af.data(), xf.data(), rf);
+      }
+      if (doU) {
+        for (int64_t j = 0; j < H; ++j) cu[j] = f[j] * cr[j] + i[j] * g[j];
+        cell_act(L, cu.data(), au.data(), xu.data(), ru);
+      }
+      T zhat = 0, s_z = 0;
+      if (L.has_z) {
+        s_z = s[H4] + L.b[H4];
+        zhat = boundary_value(s_z, L.slope, L.mode, noise);
+      }
+      if (zgrad) {
+        // d/dz_{t-1} and d/dz_below of the dense selection (PAPER.md, the reference gradient)
+        T acc_b = 0, acc_u = 0;
+        for (int64_t j = 0; j < H; ++j) {
+          const T hf = og[j] * af[j], hu = og[j] * au[j];
+          acc_b += dc[j] * (cf[j] - (zu * cu[j] + (T(1) - zu) * cr[j])) +
+                   dh[j] * (hf - (zu * hu + (T(1) - zu) * hr[j]));
+          acc_u += dc[j] * (cu[j] - cr[j]) + dh[j] * (hu - hr[j]);
+        }
+        if (L.has_z) {
+          acc_b += dz * (zhat - (zu * zhat + (T(1) - zu) * zc));
+          if (!L.recompute) acc_b += dz * wC;  // hold: z_copy is z_{t-1} itself
+          acc_u += dz * (zhat - zc);
+        }
+        o.dzb[r] = acc_b;
+        o.dzu[r] = (T(1) - zb) * acc_u;
+      }
+      if (k < 0) continue;  // COPY: the gates do not reach any output
+
+      T* dlcw = L.ln ? o.dlcw + k * H : nullptr;
+      T* dlcb = L.ln ? o.dlcb + k * H : nullptr;
+      if (L.ln) {
+        std::fill(dlcw, dlcw + H, T(0));
+        std::fill(dlcb, dlcb + H, T(0));
+      }
+      std::fill(dob.begin(), dob.end(), T(0));
+      std::fill(dcf.begin(), dcf.end(), T(0));
+      std::fill(dcu.begin(), dcu.end(), T(0));
+      if (wF != T(0)) {
+        for (int64_t j = 0; j < H; ++j) {
+          const T dhf = wF * dh[j];
+          dob[j] += dhf * af[j];
+          tmp[j] = dhf * og[j];
+        }
+        cell_act_backward(L, tmp.data(), af.data(), xf.data(), rf, dcf.data(), dlcw, dlcb, tmp2.data());
+        for (int64_t j = 0; j < H; ++j) dcf[j] += wF * dc[j];
+      }
+      if (wU != T(0)) {
+        for (int64_t j = 0; j < H; ++j) {
+          const T dhu = wU * dh[j];
+          dob[j] += dhu * au[j];
+          tmp[j] = dhu * og[j];
+        }
+        cell_act_backward(L, tmp.data(), au.data(), xu.data(), ru, dcu.data(), dlcw, dlcb, tmp2.data());
+        for (int64_t j = 0; j < H; ++j) dcu[j] += wU * dc[j];
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        const T dcs = dcf[j] + dcu[j];
+        dcp[j] += dcu[j] * f[j];
+        da[j] = dcu[j] * cr[j] * f[j] * (T(1) - f[j]);
+        da[H + j] = dcs * g[j] * i[j] * (T(1) - i[j]);
+        da[2 * H + j] = dob[j] * og[j] * (T(1) - og[j]);
+        da[3 * H + j] = dcs * i[j] * (T(1) - g[j] * g[j]);
+      }
+      T* ds = o.ds + k * G;
+      if (L.ln) {
+        T* dgain = o.dgain + k * H4;
+        std::copy(da.begin(), da.end(), o.da + k * H4);
+        for (int64_t j = 0; j < H4; ++j) {
+          xg[j] = (s[j] - gmean) * grstd;
+          dgain[j] = da[j] * xg[j];
+          da[j] *= L.lng[j];
+        }
+        ln_backward(da.data(), xg.data(), grstd, H4, ds);
+      } else {
+        std::copy(da.begin(), da.end(), ds);
+      }
+      if (L.has_z) ds[H4] = dz * (zb + (T(1) - zb) * zu) * boundary_grad(s_z, L.slope, L.mode);
+    }
+  });
+}
+
+// rows[k] of dst (B, K) += (or =) src row k; a scatter over few rows, cheaper than index_add_ (scatter_add).
+template <typename T>
+void scatter_rows(at::Tensor& dst, const at::Tensor& src, const std::vector<int64_t>& rows, bool add,
+                  const T* scale = nullptr) {
+  const int64_t K = dst.size(1);
+  T* d = dst.data_ptr<T>();
+  const at::Tensor s_c = src.contiguous();
+  const T* s = s_c.data_ptr<T>();
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 8, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      T* dr = d + rows[k] * K;
+      const T* sr = s + k * K;
+      const T a = scale != nullptr ? scale[rows[k]] : T(1);
+      if (add) {
+        for (int64_t j = 0; j < K; ++j) dr[j] += a * sr[j];
+      } else {
+        for (int64_t j = 0; j < K; ++j) dr[j] = a * sr[j];
+      }
+    }
+  });
+}
+
+// One gated term  gate * (inp @ M^T): the gradients of inp, M and the gate from ds.
+// `on`: rows whose gate is non-zero. The gate's gradient <ds, M inp> = <M^T ds, inp> is needed on every
+// active row, the input's only where the gate is on; M^T ds is computed for exactly the rows needed.
+template <typename T>
+void gated_term_backward(const at::Tensor& ds, const Rows& rs, const std::vector<int64_t>& on,
+                         const at::Tensor& gate, const at::Tensor& inp, const at::Tensor& M, bool need_inp,
+                         bool need_gate, bool need_M, at::Tensor& d_inp, at::Tensor& d_gate, at::Tensor& dM) {
+  const int64_t B = inp.size(0), K = inp.size(1);
+  if (need_inp) d_inp = at::zeros({B, K}, inp.options());
+  const bool any = K > 0 && !rs.active.empty();
+  if (need_M && (!any || on.empty())) dM = at::zeros_like(M);
+  if (!any) return;
+  std::vector<int64_t> on_pos;  // positions of the `on` rows in ds (all of them are active)
+  on_pos.reserve(on.size());
+  for (int64_t r : on) on_pos.push_back(rs.pos[r]);
+  const T* gp = gate.data_ptr<T>();
+  if (need_M && !on.empty()) {
+    const at::Tensor inp_on = take_rows(inp, on) * take_rows(gate.unsqueeze(1), on);
+    dM = at::mm(take_rows(ds, on_pos).t(), inp_on);
+  }
+  if (need_gate) {
+    const at::Tensor t = at::mm(ds, M);  // (n_active, K)
+    const T* tp = t.data_ptr<T>();
+    const T* xp = inp.data_ptr<T>();
+    T* dg = d_gate.data_ptr<T>();
+    for (size_t k = 0; k < rs.active.size(); ++k) {
+      const int64_t r = rs.active[k];
+      dg[r] += dot(tp + k * K, xp + r * K, K);
+    }
+    if (need_inp) scatter_rows<T>(d_inp, t, rs.active, false, gp);
+  } else if (need_inp && !on.empty()) {
+    scatter_rows<T>(d_inp, at::mm(take_rows(ds, on_pos), M), on, false, gp);
+  }
+}
+
+std::vector<at::Tensor> cell_bwd_cpu(
+    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z, const at::Tensor& x,
+    const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
+    const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, const at::Tensor& b,
+    const std::optional<at::Tensor>& ln_gates, const std::optional<at::Tensor>& ln_cell_w,
+    const std::optional<at::Tensor>& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
+    const at::Tensor& pre_, int64_t boundary_mode, bool recompute, bool dense_copy,
+    std::array<bool, 13> mask, bool poison) {
+  const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+  const auto opts = in.x.options();
+  const int64_t B = in.B, H = in.H, G = in.G, H4 = 4 * H;
+  const bool ln = in.lng.has_value();
+  const bool zgrad = mask[kZ] || mask[kZBelow];
+  TORCH_CHECK(pre_.dim() == 2 && pre_.size(0) == B && pre_.size(1) == G,
+              "hmlstm::cell_bwd: pre must be the (B, G) tensor saved by cell_fwd(save=True), got ", pre_.sizes());
+  const at::Tensor pre = pre_.contiguous();
+  const at::Tensor gh = checked(grad_h, "grad_h", 2, x).contiguous();
+  const at::Tensor gc = checked(grad_c, "grad_c", 2, x).contiguous();
+  const at::Tensor gz = checked(grad_z, "grad_z", 1, x).contiguous();
+  TORCH_CHECK(!in.has_z || gz.size(0) == B, "hmlstm::cell_bwd: grad_z must have shape (B,)");
+
+  std::vector<at::Tensor> out(kNumGrads);
+  at::Tensor dh = new_output({B, H}, opts, poison);
+  at::Tensor dc = new_output({B, H}, opts, poison);
+  at::Tensor dzb = zgrad ? new_output({B}, opts, poison) : at::Tensor();
+  at::Tensor dzu = zgrad ? new_output({B}, opts, poison) : at::Tensor();
+  at::Tensor ds_copy = at::zeros({B}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_bwd_cpu", [&] {
+    using T = scalar_t;
+    const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
+    const Rows rs = classify(L.zb, L.zu, B);
+    TORCH_CHECK(!zgrad || dense_copy || static_cast<int64_t>(rs.active.size()) == B,
+                "hmlstm::cell_bwd: gradients for z or z_below need cell_fwd(dense_copy=True)");
+    const int64_t nA = static_cast<int64_t>(rs.active.size());
+    at::Tensor ds = new_output({nA, G}, opts, poison);
+    at::Tensor da, dgain, dlcw, dlcb;
+    if (ln) {
+      da = new_output({nA, H4}, opts, poison);
+      dgain = new_output({nA, H4}, opts, poison);
+      dlcw = new_output({nA, H}, opts, poison);
+      dlcb = new_output({nA, H}, opts, poison);
+    }
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    BwdBuffers<T> bufs{pre.data_ptr<T>(), gh.data_ptr<T>(), gc.data_ptr<T>(), in.has_z ? gz.data_ptr<T>() : nullptr,
+                       ptr(ds), dh.data_ptr<T>(), dc.data_ptr<T>(), ptr(dzb), ptr(dzu), ds_copy.data_ptr<T>(),
+                       ptr(da), ptr(dgain), ptr(dlcw), ptr(dlcb)};
+    backward_rows<T>(L, rs, zgrad, bufs);
+
+    // The recurrent term U h, never gated: a GEMM over the active rows.
+    if (nA > 0 && mask[kH]) {
+      if (nA == B) {
+        dh.addmm_(ds, in.U);
+      } else {
+        scatter_rows<T>(dh, at::mm(ds, in.U), rs.active, true);
+      }
+    }
+    if (mask[kU]) {
+      out[kU] = nA > 0 ? at::mm(ds.t(), take_rows(in.h, rs.active)) : at::zeros_like(in.U);
+      if (in.has_z && recompute) out[kU][H4].add_(at::mv(in.h.t(), ds_copy));
+    }
+    if (mask[kB]) {
+      at::Tensor db = nA > 0 ? ds.sum(0) : at::zeros({G}, opts);
+      if (ln && nA > 0) db.narrow(0, 0, H4).copy_(da.sum(0));
+      if (in.has_z && recompute) db[H4].add_(ds_copy.sum());
+      out[kB] = db;
+    }
+    if (ln) {
+      if (mask[kLnGates]) out[kLnGates] = nA > 0 ? dgain.sum(0) : at::zeros({H4}, opts);
+      if (mask[kLnCellW]) out[kLnCellW] = nA > 0 ? dlcw.sum(0) : at::zeros({H}, opts);
+      if (mask[kLnCellB]) out[kLnCellB] = nA > 0 ? dlcb.sum(0) : at::zeros({H}, opts);
+    }
+    gated_term_backward<T>(ds, rs, rs.td, in.zb, in.ha, in.V, mask[kHAbove], mask[kZ], mask[kV], out[kHAbove],
+                        dzb, out[kV]);
+    gated_term_backward<T>(ds, rs, rs.bu, in.zu, in.x, in.W, mask[kX], mask[kZBelow], mask[kW], out[kX], dzu,
+                        out[kW]);
+  });
+  out[kH] = dh;
+  out[kC] = dc;
+  out[kZ] = dzb;
+  out[kZBelow] = dzu;
+  for (int k = 0; k < kNumGrads; ++k) {
+    if (!mask[k] || !out[k].defined()) out[k] = at::empty({0}, opts);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cell_bwd_cpu_tuple(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z,
+                   const at::Tensor& x, const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c,
+                   const at::Tensor& z, const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U,
+                   const at::Tensor& V, const at::Tensor& b, const std::optional<at::Tensor>& ln_gates,
+                   const std::optional<at::Tensor>& ln_cell_w, const std::optional<at::Tensor>& ln_cell_b,
+                   const at::Tensor& slope, const std::optional<at::Tensor>& noise, const at::Tensor& pre,
+                   int64_t boundary_mode, bool recompute, bool dense_copy, std::array<bool, 13> output_mask,
+                   bool poison) {
+  auto g = cell_bwd_cpu(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
+                        ln_cell_b, slope, noise, pre, boundary_mode, recompute, dense_copy, output_mask, poison);
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hmlstm, CPU, m) {
+  m.impl("cell_fwd", &cell_fwd_cpu);
+  m.impl("cell_bwd", &cell_bwd_cpu_tuple);
+}
+
+}  // namespace hmlstm

@@ -1,0 +1,46 @@
+// The op schemas of the fused HM-LSTM layer-step, declared once for every device.
+//
+// Kernels: cell_cpu.cpp (CPU). A CUDA kernel would add a .cu with TORCH_LIBRARY_IMPL(hmlstm, CUDA, m).
+// Fake (shape-only) kernels and the autograd formula are registered in Python (hmlstm/ops/cpp.py).
+//
+// The Triton backend adds Python ops to the same namespace (hmlstm::triton_*) as a torch.library
+// FRAGMENT; a FRAGMENT coexists with this TORCH_LIBRARY whichever is loaded first (tests/test_cpp.py).
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(hmlstm, m) {
+  // One layer-step, the forward of hmlstm.reference.naive_cell_step. Returns h_t, c_t (B, H), z_t (B,)
+  // ((0,) for a layer without boundary row) and `pre` (B, G): the bias-free pre-activations the backward
+  // needs, when save is true ((0,) otherwise). boundary_mode: 0 step, 1 sample, 2 soft. dense_copy: the
+  // caller wants gradients for z or z_below, so COPY rows also get their recurrent product U h in `pre`.
+  m.def(
+      "cell_fwd(Tensor x, Tensor z_below, Tensor h, Tensor c, Tensor z, Tensor h_above, Tensor W, Tensor U, "
+      "Tensor V, Tensor b, Tensor? ln_gates, Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, "
+      "Tensor? noise, int boundary_mode, bool recompute, bool save, bool dense_copy, bool poison) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: the gradient of the reference's dense formula (PAPER.md, "the reference gradient").
+  // output_mask selects, in the order of the returns, which gradients to compute; the others are (0,).
+  m.def(
+      "cell_bwd(Tensor grad_h, Tensor grad_c, Tensor grad_z, Tensor x, Tensor z_below, Tensor h, Tensor c, "
+      "Tensor z, Tensor h_above, Tensor W, Tensor U, Tensor V, Tensor b, Tensor? ln_gates, "
+      "Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, Tensor? noise, Tensor pre, int boundary_mode, "
+      "bool recompute, bool dense_copy, bool[13] output_mask, bool poison) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+}
+
+// `import hmlstm._C` only has to load this library so that the registrations above run; the module
+// itself is empty (no pybind11: the ops are reached through torch.ops.hmlstm).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // doc
+      -1,  // per-interpreter state size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}

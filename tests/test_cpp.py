@@ -1,0 +1,241 @@
+"""The C++ CPU backend (hmlstm::cell_fwd / cell_bwd) against the reference: values, every gradient, op
+registration (opcheck, torch.compile), the work it skips, half precision and its error messages."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import make_case, assert_matches_reference, rel_err, run_case
+from hmlstm import HMLSTM, CellConfig, LayerParams, backends, naive_cell_step
+
+cpp = pytest.importorskip("hmlstm.ops.cpp")
+pytestmark = pytest.mark.skipif(cpp.unavailable_reason("cpu") is not None,
+                                reason=f"C++ backend unavailable: {cpp.unavailable_reason('cpu')}")
+
+F64, F32 = torch.float64, torch.float32
+
+
+def _params(cases):
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+# Every boundary mode x copy_boundary x layer norm, on a 3-layer model with unequal sizes.
+MODES = [make_case(3, 7, (16, 20, 12), boundary=bd, copy_boundary=cb, layer_norm=ln, seed=s)
+         for s, (bd, cb, ln) in enumerate(itertools.product(("step", "sample", "soft"), ("hold", "recompute"),
+                                                            (False, True)))]
+# Forced boundary patterns, both copy_boundary modes, LN on and off.
+PATTERNS = [make_case(5, 8, (9, 7, 5), pattern=pat, copy_boundary=cb, layer_norm=ln, seed=3)
+            for pat, cb, ln in itertools.product(("all_copy", "all_flush", "alternating"), ("hold", "recompute"),
+                                                 (False, True))]
+# Shapes: B in {1, 3, 64}, T in {1, 7, 50}, 1 to 3 layers, sizes that are not multiples of 16.
+SHAPES = [
+    make_case(1, 1, (5,)),
+    make_case(1, 50, (9, 11, 7), boundary="sample", copy_boundary="recompute"),
+    make_case(64, 1, (33, 18), layer_norm=True),
+    make_case(64, 7, (24, 17, 9), boundary="soft"),
+    make_case(3, 50, (13, 6), copy_boundary="recompute", layer_norm=True),
+    make_case(64, 50, (19, 23, 10), seed=5),
+    make_case(64, 50, (19, 23, 10), pattern="alternating", layer_norm=True, seed=6),
+]
+FLOAT32 = [
+    make_case(3, 7, (16, 20, 12), dtype=F32),
+    make_case(64, 50, (24, 17, 9), boundary="sample", copy_boundary="recompute", layer_norm=True, dtype=F32),
+    make_case(64, 7, (33, 18), boundary="soft", layer_norm=True, dtype=F32),
+    make_case(5, 8, (9, 7, 5), pattern="alternating", copy_boundary="recompute", dtype=F32),
+]
+
+
+@pytest.mark.parametrize("case", _params(MODES + PATTERNS + SHAPES + FLOAT32))
+def test_matches_reference(case):
+    """Every output and every gradient (input, initial state, weights) under random upstream gradients."""
+    assert_matches_reference("cpp", case)
+
+
+# -- one layer-step with only some inputs requiring grad (the paths that skip gradient work) ------------
+
+def _random_step(seed, has_boundary=True, layer_norm=False, B=6, I=5, H=7, Ha=4, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    Ha = Ha if has_boundary else 0
+    G = 4 * H + int(has_boundary)
+    p = LayerParams(r(G, I), r(G, H), r(G, Ha), r(G))
+    if layer_norm:
+        p = p._replace(ln_gates=1 + 0.1 * r(4 * H), ln_cell_w=1 + 0.1 * r(H), ln_cell_b=0.1 * r(H))
+    # every combination of (z_{t-1}, z_below) in the batch: FLUSH, UPDATE, COPY
+    z = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=dtype)[:B] if has_boundary else torch.zeros(B, dtype=dtype)
+    zu = torch.tensor([1.0, 1, 0, 0, 0, 1], dtype=dtype)[:B]
+    return dict(x=r(B, I), z_below=zu, h=r(B, H), c=r(B, H), z=z, h_above=r(B, Ha), p=p,
+                slope=torch.tensor(1.3, dtype=dtype), noise=None)
+
+
+def _grads_of(step, inputs, names, cfg, seed=1):
+    inputs = {k: v for k, v in inputs.items()}
+    leaves = {}
+    for n in names:
+        if n.startswith("p."):
+            field = n[2:]
+            t = getattr(inputs["p"], field).detach().requires_grad_(True)
+            inputs["p"] = inputs["p"]._replace(**{field: t})
+        else:
+            t = inputs[n].detach().requires_grad_(True)
+            inputs[n] = t
+        leaves[n] = t
+    out = step(**inputs, cfg=cfg)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in out if t is not None)
+    return [t.detach() for t in out if t is not None], torch.autograd.grad(loss, list(leaves.values()))
+
+
+@pytest.mark.parametrize("names", [("p.W", "p.U", "p.V", "p.b"), ("x", "h"), ("h_above", "c"), ("z",), ("z_below",),
+                                   ("x", "z", "p.ln_gates", "p.ln_cell_w", "p.ln_cell_b")],
+                         ids=lambda n: "+".join(n))
+@pytest.mark.parametrize("copy_boundary", ["hold", "recompute"])
+def test_partial_requires_grad(names, copy_boundary):
+    """Gradients when only some inputs require grad (COPY rows then skip the recurrent product)."""
+    cfg = CellConfig(copy_boundary=copy_boundary, layer_norm=True)
+    inputs = _random_step(7, layer_norm=True)
+    ref_out, ref_grads = _grads_of(naive_cell_step, inputs, names, cfg)
+    out, grads = _grads_of(cpp.fused_cell_step, inputs, names, cfg)
+    for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_top_layer_returns_no_z():
+    inputs = _random_step(2, has_boundary=False)
+    h, c, z = cpp.fused_cell_step(**inputs, cfg=CellConfig(has_boundary=False))
+    rh, rc, _ = naive_cell_step(**inputs, cfg=CellConfig(has_boundary=False))
+    assert z is None and rel_err(h, rh) < 1e-12 and rel_err(c, rc) < 1e-12
+
+
+def test_no_grad_copy_rows_are_copied_and_nothing_is_saved():
+    """With no gradient required a COPY row is a pure copy, and the op saves no pre-activations."""
+    inputs = _random_step(4)
+    inputs["z"] = torch.zeros(6, dtype=F64)
+    inputs["z_below"] = torch.tensor([0.0, 0, 0, 1, 0, 0], dtype=F64)
+    p = inputs["p"]
+    with torch.no_grad():
+        h, c, z, pre = torch.ops.hmlstm.cell_fwd(
+            inputs["x"], inputs["z_below"], inputs["h"], inputs["c"], inputs["z"], inputs["h_above"], p.W, p.U, p.V,
+            p.b, None, None, None, inputs["slope"], None, 0, False, False, False, True)
+    copy = inputs["z_below"] == 0
+    assert torch.equal(h[copy], inputs["h"][copy]) and torch.equal(c[copy], inputs["c"][copy])
+    assert torch.equal(z[copy], torch.zeros(int(copy.sum()), dtype=F64))
+    assert pre.numel() == 0 and not torch.isnan(h).any()
+
+
+def test_all_copy_layer_passes_state_through_exactly():
+    case = make_case(4, 6, (8, 6, 5), pattern="all_copy")
+    model = HMLSTM(case.input_size, case.hidden_sizes, backend="cpp").to(F64)
+    model.load_state_dict(case.state_dict)
+    with torch.no_grad():
+        out = model(case.x, state=case.state, slope=case.slope)
+    for layer in (1, 2):  # layers above the first COPY at every step
+        assert torch.equal(out.h[layer], case.state.h[layer][:, None].expand_as(out.h[layer]))
+        assert torch.equal(out.c[layer], case.state.c[layer][:, None].expand_as(out.c[layer]))
+
+
+# -- op registration ------------------------------------------------------------------------------
+
+def _op_args(dtype, has_boundary, layer_norm, mode, recompute, requires_grad):
+    d = _random_step(11, has_boundary=has_boundary, layer_norm=layer_norm, dtype=dtype)
+    p = d["p"]
+    noise = torch.rand(6, dtype=dtype) if mode == 1 else None
+    args = [d["x"], d["z_below"], d["h"], d["c"], d["z"], d["h_above"], *p, d["slope"], noise]
+    if requires_grad:
+        args = [a.requires_grad_(True) if (a is not None and k not in (13, 14)) else a for k, a in enumerate(args)]
+    return args + [mode, recompute, requires_grad, requires_grad, False]
+
+
+OPCHECK = [pytest.param(dt, hb, ln, mode, rc, id=f"{str(dt)[6:]}-{'z' if hb else 'top'}-{'ln' if ln else 'noln'}"
+                        f"-mode{mode}-{'recompute' if rc else 'hold'}")
+           for dt, hb, ln, mode, rc in [(F64, True, False, 0, False), (F64, True, True, 1, True),
+                                        (F64, False, False, 0, False), (F32, True, True, 2, True),
+                                        (F32, False, True, 0, False)]]
+
+
+@pytest.mark.parametrize("dtype,has_boundary,layer_norm,mode,recompute", OPCHECK)
+def test_opcheck_cell_fwd(dtype, has_boundary, layer_norm, mode, recompute):
+    for requires_grad in (True, False):
+        args = _op_args(dtype, has_boundary, layer_norm, mode, recompute, requires_grad)
+        torch.library.opcheck(torch.ops.hmlstm.cell_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("dtype,has_boundary,layer_norm,mode,recompute", OPCHECK)
+def test_opcheck_cell_bwd(dtype, has_boundary, layer_norm, mode, recompute):
+    args = _op_args(dtype, has_boundary, layer_norm, mode, recompute, False)
+    h, c, z, pre = torch.ops.hmlstm.cell_fwd(*args[:15], mode, recompute, True, True, False)
+    grads = [torch.randn_like(h), torch.randn_like(c), torch.randn_like(z)]
+    mask = [a is not None for a in args[:13]]
+    torch.library.opcheck(torch.ops.hmlstm.cell_bwd.default,
+                          (*grads, *args[:15], pre, mode, recompute, True, mask, False))
+
+
+def test_compile_fullgraph_matches_eager():
+    inputs = _random_step(5, layer_norm=True, dtype=F32)
+    cfg = CellConfig(layer_norm=True, copy_boundary="recompute")
+
+    def two_steps(x, z_below, h, c, z, h_above, p, slope, noise):
+        h1, c1, z1 = cpp.fused_cell_step(x, z_below, h, c, z, h_above, p, slope, noise, cfg)
+        return cpp.fused_cell_step(x, z_below, h1, c1, z1, h_above, p, slope, noise, cfg)
+
+    eager = two_steps(**inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(two_steps, fullgraph=True)(**inputs)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_coexists_with_python_ops_in_the_namespace():
+    """The C++ TORCH_LIBRARY(hmlstm) and a Python FRAGMENT (the Triton backend's) load in either order."""
+    prog = """
+import torch
+@torch.library.custom_op("hmlstm::triton_probe", mutates_args=())
+def probe(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+import hmlstm.ops.cpp
+assert torch.ops.hmlstm.triton_probe(torch.ones(2)).sum() == 2 and hasattr(torch.ops.hmlstm, "cell_fwd")
+"""
+    subprocess.run([sys.executable, "-c", prog], check=True)
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_within_twice_the_reference_error(dtype):
+    """bf16/fp16 inputs: the fused op (fp32 accumulation, fp32 cell) is at least as close to the fp32
+    reference as the reference itself run in that dtype, up to a factor 2 (flash-attention's rule)."""
+    case = make_case(8, 6, (24, 16), dtype=F32, pattern="alternating")
+    exact = run_case(case, "reference")
+    ours = run_case(case, "cpp", dtype=dtype)
+    theirs = run_case(case, "reference", dtype=dtype)
+    for k in exact:
+        if k.startswith(("z", "final_z", "grad_state")):
+            continue  # boundary values are discrete; a rounding flip moves them by 1 in either run
+        assert rel_err(ours[k], exact[k]) <= 2 * rel_err(theirs[k], exact[k]) + 1e-3, k
+    assert ours["c0"].dtype == F32 and ours["h0"].dtype == dtype
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def test_unavailable_build_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(cpp, "_IMPORT_ERROR", ImportError("No module named 'hmlstm._C'"))
+    reason = cpp.unavailable_reason("cpu")
+    assert "pip install torch==2.13.0 && pip install --no-build-isolation -e ." in reason
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        backends.resolve("cpp", torch.device("cpu"))
+
+
+def test_gpu_device_is_refused_with_the_alternative():
+    assert "CPU only" in cpp.unavailable_reason("cuda")
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        backends.resolve("cpp", torch.device("cuda"))
+
+
+def test_kernel_rejects_mixed_dtypes():
+    args = _op_args(F64, True, False, 0, False, False)
+    args[0] = args[0].float()
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.hmlstm.cell_fwd(*args)
