@@ -136,12 +136,17 @@ class HMLSTM(nn.Module):
                 f"copy_boundary={self.copy_boundary!r}, layer_norm={self.layer_norm}, backend={self.backend!r}")
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> HMLSTMState:
-        """Zeros: h, c (B, H_l) per layer and z (B,) for layers 1..L-1 (no FLUSH at the first step)."""
+        """Zeros: h, c (B, H_l) per layer and z (B,) for layers 1..L-1 (no FLUSH at the first step).
+
+        With a bf16/fp16 dtype the cell state c is float32: it accumulates over many steps, and rounding it
+        to 8 or 11 mantissa bits every step would drift over long sequences.
+        """
         ref = self.layers[0].weight_hh
         device = device if device is not None else ref.device
         dtype = dtype if dtype is not None else ref.dtype
+        c_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         zeros = [torch.zeros(batch_size, h, device=device, dtype=dtype) for h in self.hidden_sizes]
-        return HMLSTMState(tuple(zeros), tuple(torch.zeros_like(t) for t in zeros),
+        return HMLSTMState(tuple(zeros), tuple(torch.zeros_like(t, dtype=c_dtype) for t in zeros),
                            tuple(torch.zeros(batch_size, device=device, dtype=dtype)
                                  for _ in self.hidden_sizes[:-1]))
 

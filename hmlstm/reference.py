@@ -126,8 +126,8 @@ def naive_cell_step(
     c_update = f * c + i * g
     h_flush = o * _cell_act(c_flush, p)
     h_update = o * _cell_act(c_update, p)
-    c_new = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)
-    h_new = zb * h_flush + (1 - zb) * (zu * h_update + (1 - zu) * h)
+    c_new = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)  # keeps c's dtype (fp32 for half h)
+    h_new = (zb * h_flush + (1 - zb) * (zu * h_update + (1 - zu) * h)).to(h.dtype)
 
     if not cfg.has_boundary:
         return h_new, c_new, None

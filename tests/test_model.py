@@ -227,3 +227,20 @@ def test_bad_constructor_arguments(kwargs, exc, words):
         HMLSTM(**kwargs)
     for w in words:
         assert w in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_half_precision_keeps_fp32_cell_and_stays_finite_over_10000_steps(backend):
+    if backend != "reference":
+        from hmlstm.backends import unavailable_reason
+
+        if unavailable_reason(backend, torch.device("cpu")):
+            pytest.skip(f"{backend} backend not built")
+    torch.manual_seed(0)
+    model = HMLSTM(4, (8, 6), backend=backend).to(torch.bfloat16)
+    x = torch.randn(2, 10_000, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, slope=1.0)
+    assert out.state.c[0].dtype == torch.float32 and out.c[1].dtype == torch.float32
+    assert out.h[0].dtype == torch.bfloat16
+    assert all(bool(torch.isfinite(t).all()) for t in out.h + out.c + out.z)

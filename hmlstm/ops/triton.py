@@ -266,9 +266,11 @@ def fused_cell_step(
     tensors = (x, z_below, h, c, z, h_above, *p, slope, noise)
     dtype, device = h.dtype, h.device
     for t in tensors:
-        if t is not None and (t.dtype != dtype or t.device != device):
-            raise ValueError(f"fused_cell_step: every tensor must be {dtype} on {device} like h, "
-                             f"got one {t.dtype} on {t.device}")
+        # a half-precision layer may carry its cell state in float32 (HMLSTM.initial_state does)
+        fp32_cell = t is c and dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
+        if t is not None and ((t.dtype != dtype and not fp32_cell) or t.device != device):
+            raise ValueError(f"fused_cell_step: every tensor must be {dtype} on {device} like h "
+                             f"(c may also be float32), got one {t.dtype} on {t.device}")
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     args = [t.contiguous() if t is not None else None for t in tensors]
     noise_arg = args[-1] if cfg.boundary == "sample" and cfg.has_boundary else None
