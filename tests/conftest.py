@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Tests use tiny models: one thread avoids OpenMP's synchronization cost, which dominates tiny matmuls and
+# grows badly when other processes share the cores.
+torch.set_num_threads(1)
+
 # Fused ops fill every fresh output buffer with NaN in tests: an unwritten element cannot pass as zero.
 os.environ.setdefault("HMLSTM_POISON_OUTPUTS", "1")
 

@@ -1,0 +1,140 @@
+"""Boundary and operation statistics of an HM-LSTM, and the unigram baseline of a text.
+
+Boundary convention (used everywhere in hmlstm): position t is a boundary when a segment *ends* at t,
+i.e. z_t = 1 says "what I read up to and including x_t is a complete segment". For real text the true
+word boundaries are the whitespace characters that close a word (the first of each run of whitespace):
+the model can only know a word is over once it has read the space. The synthetic corpus
+(`hmlstm.synthetic`) marks the last character of each word and phrase the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class BoundaryScore(NamedTuple):
+    """Precision, recall and F1 of predicted boundaries, with the counts they come from."""
+
+    precision: float
+    recall: float
+    f1: float
+    true_positives: int
+    num_predicted: int
+    num_true: int
+
+
+def prf(tp: float, num_pred: float, num_true: float) -> tuple[float, float, float]:
+    """Precision, recall, F1 from counts; each is 0 where its denominator is 0."""
+    p = tp / num_pred if num_pred > 0 else 0.0
+    r = tp / num_true if num_true > 0 else 0.0
+    f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+    return p, r, f1
+
+
+def _match_with_tolerance(pred: list[int], true: list[int], tolerance: int) -> int:
+    """Greedy one-to-one matching of sorted positions: a prediction matches the earliest unmatched true
+    boundary within `tolerance` positions. Returns the number of matches."""
+    matched, j = 0, 0
+    for p in pred:
+        while j < len(true) and true[j] < p - tolerance:
+            j += 1
+        if j < len(true) and abs(true[j] - p) <= tolerance:
+            matched += 1
+            j += 1
+    return matched
+
+
+def boundary_counts(pred: Tensor, true: Tensor, tolerance: int = 0) -> tuple[int, int, int]:
+    """(true positives, number predicted, number true) of boundary masks.
+
+    Args:
+        pred, true: bool (or 0/1) tensors of the same shape (..., T); the last dimension is time, leading
+            dimensions are independent sequences (matches never cross them).
+        tolerance: a prediction within this many positions of an unmatched true boundary counts (one-to-one).
+    """
+    if pred.shape != true.shape:
+        raise ValueError(f"pred and true must have the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    pred, true = pred.bool(), true.bool()
+    n_pred, n_true = int(pred.sum()), int(true.sum())
+    if tolerance == 0:
+        return int((pred & true).sum()), n_pred, n_true
+    p_rows = pred.reshape(-1, pred.shape[-1]) if pred.dim() > 0 else pred.reshape(1, 1)
+    t_rows = true.reshape(-1, true.shape[-1]) if true.dim() > 0 else true.reshape(1, 1)
+    tp = sum(_match_with_tolerance(p.nonzero().flatten().tolist(), t.nonzero().flatten().tolist(), tolerance)
+             for p, t in zip(p_rows, t_rows))
+    return tp, n_pred, n_true
+
+
+def boundary_f1(pred: Tensor, true: Tensor, tolerance: int = 0) -> BoundaryScore:
+    """Precision / recall / F1 of predicted boundaries `pred` against `true` (see `boundary_counts`).
+
+    Example:
+        >>> boundary_f1(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 0])).f1
+        0.5
+    """
+    tp, n_pred, n_true = boundary_counts(pred, true, tolerance)
+    return BoundaryScore(*prf(tp, n_pred, n_true), tp, n_pred, n_true)
+
+
+def word_boundaries(text: str) -> Tensor:
+    """(N,) bool: True at each whitespace character that follows a non-whitespace one (a word ends there)."""
+    space = torch.tensor([c.isspace() for c in text], dtype=torch.bool)
+    return whitespace_run_starts(space)
+
+
+def whitespace_run_starts(space: Tensor) -> Tensor:
+    """(..., N) bool whitespace mask -> True at the first whitespace of each run that follows a word."""
+    prev = torch.zeros_like(space)
+    prev[..., 1:] = space[..., :-1]
+    # the first position counts when it is whitespace: a word may have ended just before the text starts
+    return space & ~prev
+
+
+def operation_fractions(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Fraction of UPDATE, COPY and FLUSH steps of every layer (PAPER.md, eq. 2).
+
+    Args:
+        z: L-1 tensors (B, T), the boundaries of layers 1..L-1 (`HMLSTMOutput.z`).
+        z_init: L-1 tensors (B,), the boundaries before the first step (`HMLSTMState.z` of the input state).
+
+    Returns:
+        L dicts {"update", "copy", "flush"} of 0-dim tensors (summing to 1), bottom layer first. The first
+        layer never COPYs (z^0 = 1); the top layer never FLUSHes (no boundary detector).
+    """
+    if len(z) != len(z_init):
+        raise ValueError(f"z and z_init must both hold L-1 tensors, got {len(z)} and {len(z_init)}")
+    L = len(z) + 1
+    ref = z[0] if z else None
+    out = []
+    for l in range(L):
+        if l < L - 1:  # own previous boundary z_{t-1}^l
+            zb = torch.cat([z_init[l].unsqueeze(1), z[l][:, :-1]], dim=1)
+        else:
+            zb = None
+        zu = z[l - 1] if l > 0 else None  # boundary of the layer below at t (1 for the first layer)
+        if ref is None:  # one layer: a plain LSTM, always UPDATE
+            one = torch.ones(())
+            out.append({"update": one, "copy": one * 0, "flush": one * 0})
+            continue
+        flush = zb.float().mean() if zb is not None else ref.new_zeros(())
+        keep = (1 - zb.float()) if zb is not None else torch.ones_like(ref, dtype=torch.float)
+        below = zu.float() if zu is not None else torch.ones_like(ref, dtype=torch.float)
+        out.append({"update": (keep * below).mean(), "copy": (keep * (1 - below)).mean(), "flush": flush})
+    return out
+
+
+def unigram_entropy(ids: Tensor, num_symbols: int | None = None) -> float:
+    """Entropy in bits per symbol of the empirical distribution of integer `ids` (any shape): the BPC of
+    the best model that ignores context, the bar a language model must clear."""
+    ids = ids.flatten().long()
+    if ids.numel() == 0:
+        raise ValueError("unigram_entropy needs at least one symbol, got an empty tensor")
+    counts = torch.bincount(ids, minlength=num_symbols or 0).double()
+    p = counts[counts > 0] / ids.numel()
+    return float(-(p * p.log()).sum() / math.log(2))

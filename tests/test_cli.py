@@ -1,0 +1,80 @@
+"""The `hmlstm` command end to end, in subprocesses, on a tiny corpus: fit, validate, generate, boundaries."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hmlstm.cli import _with_configs, shipped_config
+
+TINY_MODEL = ["--model.hidden_sizes", "[8, 8]", "--model.embed_size", "8", "--model.output_size", "16",
+              "--model.layer_norm", "false", "--model.backend", "reference"]
+
+
+def hmlstm(args, cwd):
+    # one thread: the tiny model is fastest that way, and does not stall when other jobs share the cores
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    return proc.stdout.decode("utf-8")
+
+
+def last_value(metrics_csv: Path, key: str) -> float:
+    rows = [r for r in csv.DictReader(open(metrics_csv)) if r.get(key)]
+    assert rows, f"{key} not logged in {metrics_csv}"
+    return float(rows[-1][key])
+
+
+def test_shipped_configs_and_default():
+    for name in ("default.yaml", "ptb.yaml", "text8.yaml", "enwik8.yaml", "synthetic.yaml"):
+        assert shipped_config(name) is not None, name
+    assert shipped_config("ptb") == shipped_config("ptb.yaml")
+    args = _with_configs(["fit", "--trainer.max_epochs", "1"])
+    assert args[:3] == ["fit", "--config", str(shipped_config("default.yaml"))]
+    args = _with_configs(["fit", "--config", "ptb.yaml"])
+    assert args == ["fit", "--config", str(shipped_config("ptb.yaml"))]
+
+
+@pytest.mark.slow
+def test_cli_fit_validate_generate_boundaries(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the cat sat on the mat. a dog ran to the cat. " * 120)  # 5,520 characters
+    data = ["--data", "hmlstm.data.TextDataModule", "--data.path", str(corpus), "--data.batch_size", "4",
+            "--data.seq_len", "10"]
+    out = hmlstm(["fit", *data, *TINY_MODEL, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+                  "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert "validation BPC" in out and "unigram entropy" in out
+
+    run = tmp_path / "lightning_logs" / "csv" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    fit_bpc = last_value(run / "metrics.csv", "val/bpc")
+
+    # validate from the checkpoint: the model's arguments come from the checkpoint, not the command line
+    hmlstm(["validate", *data, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"], tmp_path)
+    val_bpc = last_value(tmp_path / "lightning_logs" / "csv" / "version_1" / "metrics.csv", "val/bpc")
+    assert val_bpc == pytest.approx(fit_bpc, rel=1e-5)
+
+    text = hmlstm(["generate", "--ckpt_path", str(ckpt), "--prompt", "the ", "--length", "37",
+                   "--temperature", "0.7"], tmp_path)
+    assert text.startswith("the ") and text.endswith("\n")
+    assert len(text) == len("the ") + 37 + 1
+
+    png = tmp_path / "b.png"
+    out = hmlstm(["boundaries", "--ckpt_path", str(ckpt), "--text", "the cat sat on the mat", "--out", str(png)],
+                 tmp_path)
+    assert "layer 1" in out and "F1" in out
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 100
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", "generate", "--ckpt_path", str(tmp_path / "no.ckpt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr

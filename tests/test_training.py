@@ -1,0 +1,182 @@
+"""The LightningModule: truncated BPTT, slope annealing (also across a resume), the LR schedule,
+a self-contained checkpoint, generation."""
+
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from hmlstm.data import SyntheticDataModule, TextDataModule, Vocabulary
+from hmlstm.training import HMLSTMLanguageModel, SlopeAnnealing
+
+TINY = dict(hidden_sizes=(8, 8), embed_size=8, output_size=16, layer_norm=False, backend="reference")
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when other jobs share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_data(**kw) -> SyntheticDataModule:
+    args = dict(seed=0, train_chars=1200, val_chars=400, test_chars=400, batch_size=3, seq_len=8)
+    return SyntheticDataModule(**(args | kw))
+
+
+def trainer(tmp_path, **kw) -> pl.Trainer:
+    args = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=str(tmp_path), gradient_clip_val=1.0)
+    return pl.Trainer(**(args | kw))
+
+
+def test_tbptt_state_continues_each_stream_exactly():
+    torch.manual_seed(0)
+    dm = tiny_data(seq_len=7)
+    model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars).double()
+    model.slope.fill_(1.7)
+    loader = dm.val_dataloader()
+    # the module's own step over consecutive batches, state carried between them
+    model.on_validation_epoch_start()
+    total, count = 0.0, 0
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    for k, batch in enumerate(loader):
+        with torch.no_grad():
+            model.validation_step(batch, k)
+        total += float(logged["val/nll"]) * batch["target"].numel()
+        count += batch["target"].numel()
+    # one long run over the whole streams
+    streams = loader.dataset.streams  # (B, S)
+    with torch.no_grad():
+        out = model.net(streams[:, :-1], slope=model.slope)
+        full = F.cross_entropy(out.logits.flatten(0, 1), streams[:, 1:].flatten(), reduction="sum")
+    assert count == streams[:, 1:].numel()
+    assert total == pytest.approx(float(full), rel=1e-10)
+    # the carried state is the long run's final state, detached
+    state = model._states["val"]
+    assert all(not t.requires_grad for grp in state for t in grp)
+    for a, b in zip(state.h, out.rnn.state.h):
+        torch.testing.assert_close(a, b)
+    # and without the carry the loss would differ (the test can fail)
+    model.on_validation_epoch_start()
+    assert model._states["val"] is None
+
+
+def test_state_is_reset_at_epoch_start(tmp_path):
+    dm = tiny_data()
+    model = HMLSTMLanguageModel(**TINY)
+    t = trainer(tmp_path)
+    t.fit(model, dm)
+    a = t.validate(model, dm, verbose=False)[0]["val/bpc"]
+    b = t.validate(model, dm, verbose=False)[0]["val/bpc"]
+    assert a == pytest.approx(b, rel=1e-6)
+    assert model.hparams.vocab == dm.vocab.chars  # filled from the data module
+
+
+class RecordSlope(pl.Callback):
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen[trainer.current_epoch] = float(pl_module.slope)
+
+
+def test_slope_annealing_schedule_and_resume(tmp_path):
+    assert SlopeAnnealing().slope_at(0) == 1.0
+    assert SlopeAnnealing().slope_at(50) == pytest.approx(3.0)
+    assert SlopeAnnealing().slope_at(150) == 5.0  # the paper's PTB schedule saturates at 5
+    assert {SlopeAnnealing(rate=0.0).slope_at(e) for e in range(20)} == {1.0}  # step function only
+    with pytest.raises(ValueError, match="max_slope"):
+        SlopeAnnealing(start=2.0, max_slope=1.0)
+
+    expected = {e: min(1.8, 1.0 + 0.5 * e) for e in range(4)}  # 1, 1.5, 1.8, 1.8
+    dm = tiny_data()
+    rec = RecordSlope()
+    t = trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+                callbacks=[SlopeAnnealing(1.0, 0.5, 1.8), rec])
+    model = HMLSTMLanguageModel(**TINY)
+    t.fit(model, dm)
+    assert rec.seen == pytest.approx({0: expected[0], 1: expected[1]})
+    ckpt = tmp_path / "two.ckpt"
+    t.save_checkpoint(ckpt)
+
+    rec2 = RecordSlope()
+    t2 = trainer(tmp_path, max_epochs=4, limit_train_batches=2, limit_val_batches=1,
+                 callbacks=[SlopeAnnealing(1.0, 0.5, 1.8), rec2])
+    resumed = HMLSTMLanguageModel(**TINY)
+    t2.fit(resumed, tiny_data(), ckpt_path=ckpt)
+    assert rec2.seen == pytest.approx({2: expected[2], 3: expected[3]})  # continues from epoch 2, not 0
+    assert float(resumed.slope) == pytest.approx(1.8)
+
+
+def test_lr_divided_by_50_on_plateau():
+    model = HMLSTMLanguageModel(**TINY, vocab="ab", lr=0.01)
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["monitor"] == "val/nll"
+    sched.step(1.0)
+    sched.step(1.0)  # no improvement: patience 0 divides at once
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 / 50)
+
+
+def test_checkpoint_is_self_contained_and_generates(tmp_path):
+    dm = tiny_data()
+    model = HMLSTMLanguageModel(**TINY)
+    t = trainer(tmp_path, callbacks=[SlopeAnnealing(1.0, 0.0, 1.0)])
+    t.fit(model, dm)
+    ckpt = tmp_path / "m.ckpt"
+    t.save_checkpoint(ckpt)
+    loaded = HMLSTMLanguageModel.load_from_checkpoint(ckpt)  # no model arguments repeated
+    assert loaded.vocab == dm.vocab and loaded.net.rnn.hidden_sizes == (8, 8)
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    g1, g2 = (torch.Generator().manual_seed(7) for _ in range(2))
+    s1 = loaded.generate("ab", 25, temperature=0.8, generator=g1)
+    assert len(s1) == 25 and set(s1) <= set(dm.vocab.chars)
+    assert loaded.generate("ab", 25, temperature=0.8, generator=g2) == s1
+    assert len(loaded.generate("", 5, temperature=0)) == 5
+    zs = loaded.boundaries("some text here")
+    assert len(zs) == 1 and zs[0].shape == (14,) and set(zs[0].tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="temperature"):
+        loaded.generate("a", 3, temperature=-1.0)
+
+
+def test_validation_logs_boundary_metrics(tmp_path):
+    dm = tiny_data()
+    model = HMLSTMLanguageModel(**TINY)
+    t = trainer(tmp_path)
+    t.fit(model, dm)
+    assert {"train/chars_per_sec", "train/bpc", "train/slope", "train/flush_l1"} <= set(t.callback_metrics)
+    metrics = t.validate(model, dm, verbose=False)[0]
+    for key in ("val/bpc", "val/boundary_rate_l1", "val/update_l1", "val/flush_l1", "val/copy_l2",
+                "val/f1_l1_word", "val/f1_l1_phrase", "val/recall_l1_phrase"):
+        assert key in metrics, key
+    assert metrics["val/update_l1"] + metrics["val/flush_l1"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["val/copy_l1"] == 0.0  # the first layer never COPYs
+    assert 0.0 <= metrics["val/f1_l1_word"] <= 1.0
+    assert math.isclose(metrics["val/bpc"] * math.log(2), metrics["val/nll"], rel_tol=1e-5)
+
+
+def test_no_vocabulary_is_a_clear_error():
+    model = HMLSTMLanguageModel(**TINY)
+    with pytest.raises(RuntimeError, match="no vocabulary"):
+        model.generate("a", 3)
+    with pytest.raises(ValueError, match="lr_factor"):
+        HMLSTMLanguageModel(**TINY, lr_factor=50.0)
+
+
+def test_text_module_trains(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    dm = TextDataModule(path=str(path), batch_size=2, seq_len=8)
+    model = HMLSTMLanguageModel(**TINY)
+    trainer(tmp_path, limit_train_batches=2).fit(model, dm)
+    assert Vocabulary(model.hparams.vocab) == dm.vocab
