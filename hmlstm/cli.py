@@ -2,7 +2,8 @@
 
     hmlstm fit                                   # offline default: Python docs, small CPU model (configs/default.yaml)
     hmlstm fit --config ptb.yaml                 # PAPER.md's PTB setup (also text8.yaml, enwik8.yaml, synthetic.yaml)
-    hmlstm fit --config ptb.yaml --ckpt_path last.ckpt      # resume
+    hmlstm fit --config ptb.yaml --ckpt_path last.ckpt      # resume, also mid-epoch, exactly
+    hmlstm fit --trainer.strategy ddp --trainer.devices 2  # several GPUs (or CPU processes): streams split
     hmlstm validate --ckpt_path CKPT             # also test, predict; same data options as fit
     hmlstm generate --ckpt_path CKPT --prompt "The " --length 200 --temperature 0.8
     hmlstm boundaries --ckpt_path CKPT --text "the cat sat on the mat" --out boundaries.png
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import warnings
 from importlib import resources
@@ -23,11 +25,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningCLI
 
 from .data import CharDataModule
 from .metrics import boundary_f1, word_boundaries
-from .training import HMLSTMLanguageModel, SlopeAnnealing
+from .training import AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "default.yaml"
@@ -84,6 +87,13 @@ class HMLSTMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SlopeAnnealing, "slope")
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, writing checkpoints atomically unless --trainer.plugins names another CheckpointIO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.interrupted or trainer.limit_val_batches == 0:
@@ -120,8 +130,11 @@ def lightning_main(argv: list[str]) -> HMLSTMCLI:
 def _load(ckpt_path: str, backend: Optional[str]) -> HMLSTMLanguageModel:
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"--ckpt_path: no such checkpoint file: {ckpt_path}")
-    model = HMLSTMLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu",
-                                                     **({"backend": backend} if backend else {}))
+    try:
+        model = HMLSTMLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu",
+                                                         **({"backend": backend} if backend else {}))
+    except CheckpointError as e:
+        raise SystemExit(f"--ckpt_path: {e}") from None
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -181,13 +194,23 @@ def boundaries_main(argv: Sequence[str]) -> None:
 EXTRA_SUBCOMMANDS = {"generate": generate_main, "boundaries": boundaries_main}
 
 
+# Errors that carry a complete message for the user: shown without a traceback (HMLSTM_TRACEBACK=1 shows it).
+USER_ERRORS = (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the `hmlstm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_SUBCOMMANDS:
-        EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
-    else:
-        lightning_main(argv)
+    try:
+        if argv and argv[0] in EXTRA_SUBCOMMANDS:
+            EXTRA_SUBCOMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("HMLSTM_TRACEBACK"):
+            raise
+        raise SystemExit(f"hmlstm: error: {type(e).__name__}: {e}\n"
+                         f"(set HMLSTM_TRACEBACK=1 for the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 
 Truncated BPTT: each split is cut into B contiguous streams (B = batch size); batch k holds positions
 [k*T, (k+1)*T) of every stream and the targets one position later, so the final state of batch k is the
-right initial state of batch k+1 (the LightningModule carries it). Batches are never shuffled.
+right initial state of batch k+1 (the LightningModule carries it). Batches are never shuffled. The loaders
+are `StreamLoader`s: with several processes (DDP) each takes its share of the B streams, and a run resumed
+from a mid-epoch checkpoint starts at the batch after the last one trained.
 
 The vocabulary is built from the training split. Id 0 is reserved for characters not in it (an evaluation
 text may contain some); it is never a training target. The LightningModule stores the vocabulary in its
@@ -26,6 +28,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Iterable, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .metrics import unigram_entropy, whitespace_run_starts
 from .synthetic import SyntheticLanguage
@@ -111,7 +114,10 @@ def read_text(path: str | os.PathLike, byte_level: bool = False) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 ({e}); read it byte by byte with byte_level=True") from None
+        bad = data[e.start : e.end]
+        raise ValueError(f"{path} is not valid UTF-8: byte{'s' if len(bad) > 1 else ''} {bad.hex(' ')} at byte offset "
+                         f"{e.start} ({e.reason}); fix the file, or read it byte by byte with byte_level=True "
+                         f"(--data.byte_level true)") from None
 
 
 def parse_ptb_char(text: str) -> str:
@@ -298,6 +304,67 @@ class StreamBatches(Dataset):
         return batch
 
 
+class StreamLoader:
+    """Yields the batches of a `StreamBatches` in order, over this process's share of the streams, and can
+    start in the middle of an epoch.
+
+    Several processes (DDP): the B streams of the global batch are split between the W processes, rank r
+    taking rows [r B/W, (r+1) B/W), so W processes together train on exactly the batch one process would.
+    (A plain DataLoader would get Lightning's DistributedSampler, which deals out batches, i.e. time steps,
+    to the processes and breaks the truncated-BPTT streams.)
+
+    Resuming mid-epoch: Lightning stores `state_dict()` in checkpoints and hands it back on resume, before the
+    epoch's iterator is made. The position is the number of this epoch's batches that training has finished;
+    the LightningModule advances it after every training step (`advance_to`): the loader cannot count them
+    itself, because Lightning fetches a batch ahead.
+
+    Args:
+        dataset: the batches (B streams).
+        rank, world_size: this process and the number of processes; world_size must divide B.
+    """
+
+    def __init__(self, dataset: StreamBatches, rank: int = 0, world_size: int = 1) -> None:
+        B = dataset.streams.shape[0]
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if B % world_size:
+            raise ValueError(f"the batch size {B} must be divisible by the number of processes {world_size}: each "
+                             f"process takes B / {world_size} of the streams (set --data.batch_size / "
+                             f"--data.eval_batch_size to a multiple of {world_size})")
+        self.dataset = dataset
+        self.rank, self.world_size = rank, world_size
+        per = B // world_size
+        self.rows = slice(rank * per, (rank + 1) * per)
+        self.position = 0
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        self.position = start
+        return self._batches(start)
+
+    def _batches(self, start: int):
+        for k in range(start, len(self.dataset)):
+            yield {key: value[self.rows] for key, value in self.dataset[k].items()}
+
+    def advance_to(self, position: int) -> None:
+        """Training has finished the first `position` batches of the epoch."""
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("num_batches", len(self)) != len(self):
+            raise ValueError(f"the checkpoint was written with {state['num_batches']} training batches per epoch, "
+                             f"this data gives {len(self)}: resume with the same data, batch_size and seq_len")
+        position = int(state["position"])
+        self._start = self.position = position if position < len(self) else 0  # finished: the next epoch
+
+
 # -- data modules ----------------------------------------------------------------------------------------
 
 
@@ -345,16 +412,16 @@ class CharDataModule(pl.LightningDataModule):
                                  f"batch_size * (seq_len + 1) = {self.batch_size * (self.seq_len + 1)} characters")
             self._texts = texts
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         return self._loader("train", self.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StreamLoader:
         return self._loader("val", self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StreamLoader:
         return self._loader("test", self.eval_batch_size)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> StreamLoader:
         return self._loader("test", self.eval_batch_size)
 
     # vocabulary and encoded splits ------------------------------------------------------------------
@@ -382,16 +449,26 @@ class CharDataModule(pl.LightningDataModule):
         return text
 
     def ids(self, split: str) -> Tensor:
-        """(N,) int64 ids of a split, encoded with `vocab`."""
+        """(N,) int64 ids of a split, encoded with `vocab`. Characters the vocabulary lacks become the unknown
+        id, with one warning per split that counts them."""
         if split not in self._ids:
-            self._ids[split] = self.vocab.encode(self.text(split))
+            text = self.text(split)
+            ids = self.vocab.encode(text)
+            unknown = int((ids == Vocabulary.UNK).sum())
+            if unknown:
+                chars = sorted(set(text) - set(self.vocab.chars))
+                shown = "".join(chars[:20]) + ("..." if len(chars) > 20 else "")
+                warnings.warn(f"{unknown} of the {ids.numel()} characters of the {split} split ({len(chars)} distinct: "
+                              f"{shown!r}) are not in the training vocabulary; they are mapped to the unknown id "
+                              f"{Vocabulary.UNK}", stacklevel=2)
+            self._ids[split] = ids
         return self._ids[split]
 
     def unigram_entropy(self, split: str = "val") -> float:
         """Bits per character of the split's own character distribution (the best context-free model)."""
         return unigram_entropy(self.ids(split), len(self.vocab))
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> StreamLoader:
         ids = self.ids(split)
         need = batch_size * (self.seq_len + 1)
         if ids.numel() < need:
@@ -400,9 +477,10 @@ class CharDataModule(pl.LightningDataModule):
                              f"(seq_len + 1) = {need}; use a longer text or smaller --data.batch_size / "
                              f"--data.eval_batch_size / --data.seq_len")
         dataset = StreamBatches(ids, batch_size, self.seq_len, self.boundary_labels(split))
-        # batch_size=None: the dataset yields whole batches; no shuffling, no workers, so the streams stay
-        # in order and the carried state continues them exactly.
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+        # Not a DataLoader: batches in order, no workers, so the carried state continues the streams exactly;
+        # and with several processes each takes its share of the streams (not Lightning's DistributedSampler).
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return StreamLoader(dataset, rank, world)
 
 
 def split_text(text: str, fractions: Sequence[float]) -> dict[str, str]:
@@ -532,9 +610,12 @@ class _HutterDataModule(CharDataModule):
 
 
 # Sizes are the published ones (zip and unzipped); content hashes are not pinned here.
+# SHA-256 of the unzipped files, as published alongside many independent uses of these corpora.
 TEXT8_FILE = RemoteFile("text8", "http://mattmahoney.net/dc/text8.zip", member="text8", size=100_000_000,
+                        sha256="6e890197040d37d85beb962ae1f041ff1d9a9ca8d20c7d99c85027eebf51dca7",
                         archive_size=31_344_016)
 ENWIK8_FILE = RemoteFile("enwik8", "http://mattmahoney.net/dc/enwik8.zip", member="enwik8", size=100_000_000,
+                         sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
                          archive_size=36_445_475)
 
 

@@ -15,25 +15,109 @@ Training follows the paper: Adam, gradient norm clipped at 1 (a Trainer setting)
 divided by 50 when the validation NLL stops improving, slope annealing of the boundary detector as a
 callback, and truncated BPTT: the final state of a batch is the initial state of the next (detached),
 reset at the start of every epoch.
+
+Robustness: a NaN/Inf training loss stops the run with `NonFiniteLossError` naming the step and the first
+layer state that went non-finite (or skips the batch: nonfinite="skip"); checkpoints carry the carried state
+and the RNG, so a run killed mid-epoch resumes exactly (with `hmlstm.data.StreamLoader` restoring the stream
+position); `AtomicCheckpointIO` makes checkpoint writes crash-safe; damaged or incompatible checkpoints
+raise `CheckpointError`.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+import zipfile
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from ._version import __version__
 from .data import Vocabulary
 from .lm import CharLM
 from .metrics import operation_fractions, prf
 from .state import HMLSTMOutput, HMLSTMState
 
 LN2 = math.log(2)
+
+# Bumped when a checkpoint written by this version cannot be read by an older one; a checkpoint with a
+# larger format than this is refused with a message (rather than a KeyError deep in Lightning).
+CHECKPOINT_FORMAT = 1
+NONFINITE_MODES = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step and where it started."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, corrupt, or from an incompatible version."""
+
+
+def describe_checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` is not a readable checkpoint (missing, empty, truncated), or None if it reads."""
+    path = Path(path)
+    if not path.is_file():
+        return f"no such checkpoint file: {path}"
+    size = path.stat().st_size
+    # torch.save writes a zip archive whose directory is at the end: a cut-off file has none
+    if size == 0 or not zipfile.is_zipfile(path):
+        return (f"checkpoint {path} ({size} bytes) is truncated or not a PyTorch checkpoint; if a run was "
+                f"killed while writing it, resume from an earlier one (checkpoints written through "
+                f"hmlstm.training.AtomicCheckpointIO are never left half-written)")
+    return None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a crash cannot corrupt: write a temporary file in the same directory, fsync it,
+    rename it over the target (atomic on POSIX and Windows), fsync the directory. A kill at any moment leaves
+    either the previous checkpoint or the new one, complete. Loads that fail on a damaged file raise
+    `CheckpointError` saying so. The `hmlstm` command uses it by default; with a Trainer:
+    `pl.Trainer(plugins=[AtomicCheckpointIO()])`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        problem = describe_checkpoint_problem(path) if Path(path).exists() else None
+        if problem is not None:
+            raise CheckpointError(problem)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 class HMLSTMLanguageModel(pl.LightningModule):
@@ -50,18 +134,26 @@ class HMLSTMLanguageModel(pl.LightningModule):
         vocab: the characters of the vocabulary. Leave it unset when training: it is taken from the data
             module and stored here, so that a checkpoint is self-contained.
         byte_level: the vocabulary's characters stand for bytes (enwik8); also filled from the data module.
+        nonfinite: what a NaN or Inf training loss does: "raise" (stop with `NonFiniteLossError`, naming the
+            global step and the first layer whose h or c went non-finite, and at which time step) or "skip"
+            (skip that batch's update, restart the carried state, count it in `train/skipped_batches`).
 
     Logged every epoch, for stage in train/val/test: `{stage}/bpc`, `{stage}/nll`, `{stage}/boundary_rate_l{k}`,
     `{stage}/{update,copy,flush}_l{k}` (layers numbered from 1); in val/test the boundary precision, recall
     and F1 of each layer against each level of true boundaries, `{stage}/f1_l{k}_{level}`; in train
     `train/chars_per_sec` and `train/slope`.
+
+    Checkpoints carry what an exact mid-epoch resume needs beyond Lightning's own state (step, epoch,
+    optimizer, LR scheduler, the loader's position): the carried TBPTT state of every stream and the RNG state.
     """
 
     def __init__(self, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128, output_size: int = 512,
                  boundary: str = "step", copy_boundary: str = "hold", layer_norm: bool = True, backend: str = "auto",
                  lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0, vocab: Optional[str] = None,
-                 byte_level: bool = False) -> None:
+                 byte_level: bool = False, nonfinite: str = "raise") -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < lr_factor < 1:
@@ -79,6 +171,9 @@ class HMLSTMLanguageModel(pl.LightningModule):
         self._chars = 0
         self._t0 = 0.0
         self.validated_at_step = -1  # global step of the last validation (-1: none yet)
+        self.skipped_batches = 0  # training batches skipped for a non-finite loss (nonfinite="skip")
+        self._train_position = 0  # batches of the current epoch trained on
+        self._resume: Optional[dict[str, Any]] = None  # the carried state of a checkpoint, until its epoch starts
 
     def _build(self, vocab: Vocabulary) -> None:
         hp = self.hparams
@@ -104,17 +199,46 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None):
         """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope."""
+        if self.net is None:
+            self._require_vocab()
+        if tokens.numel() and not tokens.is_floating_point():
+            lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
+            if lo < 0 or hi >= self.net.vocab_size:
+                # caught here: an embedding lookup out of range is an opaque IndexError (a device assert on GPU)
+                raise ValueError(f"token ids must be in [0, {self.net.vocab_size}) for this vocabulary of "
+                                 f"{self.net.vocab_size}, got ids from {lo} to {hi}; encode text with the model's "
+                                 f"vocabulary (model.vocab.encode)")
         return self.net(tokens, state=state, slope=self.slope)
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Optional[Tensor]:
         x, y = batch["input"], batch["target"]  # (B, T) each
         state = self._states.get(stage)
         out = self(x, state)
         self._states[stage] = out.rnn.state.detach()  # truncated BPTT: continue the streams, cut the graph
-        nll = F.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+        logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if stage == "train" and not self._all_finite(nll):
+            where = self._first_nonfinite(state, out.rnn)
+            msg = (f"non-finite training loss ({float(nll.detach())}) at global step {self.global_step} (epoch "
+                   f"{self.current_epoch}, batch {batch_idx} of the epoch): {where}")
+            if self.hparams.nonfinite == "raise":
+                raise NonFiniteLossError(msg + ". Lower the learning rate or clip gradients (--trainer."
+                                         "gradient_clip_val), or skip such batches with --model.nonfinite skip")
+            self.skipped_batches += 1
+            self._states[stage] = None  # the streams restart from zeros rather than from a broken state
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False,
+                     batch_size=y.numel())
+            rank_zero_warn(f"skipped a batch (nonfinite='skip'): {msg}")
+            return None  # Lightning skips the backward pass and the optimizer step
         n = y.numel()
-        self.log(f"{stage}/nll", nll, on_step=False, on_epoch=True, batch_size=n)
-        self.log(f"{stage}/bpc", nll / LN2, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "train")
+        sync = self._distributed  # epoch values (val/nll drives the LR schedule) must agree across processes
+        self.log(f"{stage}/nll", nll, on_step=False, on_epoch=True, batch_size=n, sync_dist=sync)
+        self.log(f"{stage}/bpc", nll / LN2, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "train",
+                 sync_dist=sync)
         if stage == "train":
             self.log("train/bpc_step", nll.detach() / LN2, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         with torch.no_grad():
@@ -123,15 +247,51 @@ class HMLSTMLanguageModel(pl.LightningModule):
                 self._count_boundaries(stage, out.rnn.z, batch)
         return nll
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         self._chars += batch["target"].numel()
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train", batch_idx)
+        # the stream position a checkpoint records: this batch is done (the loader runs a batch ahead)
+        self._train_position = batch_idx + 1
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if hasattr(loader, "advance_to"):
+            loader.advance_to(batch_idx + 1)
+        return loss
+
+    # -- non-finite values ----------------------------------------------------------------------------
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        finite = bool(torch.isfinite(loss))
+        if self._distributed:  # every process must take the same branch, or DDP's all-reduce would hang
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _first_nonfinite(self, state: Optional[HMLSTMState], rnn: HMLSTMOutput) -> str:
+        """Where the non-finite values started: the carried state, a layer's h or c, or past the HM-LSTM."""
+        if state is not None:
+            for name, group in (("h", state.h), ("c", state.c)):
+                for k, t in enumerate(group, start=1):
+                    if not bool(torch.isfinite(t).all()):
+                        return f"the carried state was already non-finite at the batch start (layer {k}'s {name})"
+        first = None  # (time step, layer, "h" or "c"); within a step layer 1 is computed first
+        for k, (h, c) in enumerate(zip(rnn.h, rnn.c), start=1):
+            for name, seq in (("h", h), ("c", c)):  # (B, T, H)
+                bad = (~torch.isfinite(seq)).flatten(2).any(-1).any(0)  # (T,)
+                if bool(bad.any()):
+                    t = int(bad.nonzero()[0])
+                    if first is None or t < first[0]:
+                        first = (t, k, name)
+        params = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        where = f"; non-finite parameters: {', '.join(params[:5])}" if params else ""
+        if first is None:
+            return "every layer's h and c stayed finite: the output module or the logits overflowed" + where
+        t, k, name = first
+        return f"layer {k}'s {name} went non-finite first, at time step {t} of the batch" + where
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._shared_step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._shared_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """{"logprob": (B, T) log p of each target in nats, "z": (L-1, B, T) boundaries}."""
@@ -164,6 +324,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     def _log_f1(self, stage: str) -> None:
         for (k, level), c in sorted(self._f1.pop(stage, {}).items()):
+            if self._distributed:  # each process counted its own streams
+                c = self.trainer.strategy.reduce(c, reduce_op="sum")
             p, r, f1 = prf(*c.tolist())
             self.log(f"{stage}/f1_l{k}_{level}", f1)
             self.log(f"{stage}/precision_l{k}_{level}", p)
@@ -171,8 +333,13 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     # -- epoch hooks: reset the carried state at each epoch start ---------------------------------------
 
+    def on_train_start(self) -> None:
+        # a resume in the middle of an epoch continues it without calling on_train_epoch_start
+        self._states["train"] = self._resumed_state()
+
     def on_train_epoch_start(self) -> None:
         self._states["train"] = None
+        self._train_position = 0
         self._chars, self._t0 = 0, time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
@@ -197,6 +364,80 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._states["predict"] = None
+
+    # -- checkpoints: exact resume, also mid-epoch ----------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self._states.get("train")
+        carried = None
+        if state is not None and self._trainer is not None and self.trainer.state.fn == "fit":
+            # plain lists (weights_only loading accepts them); with several processes, the global batch's
+            # streams in rank order: every process calls this hook, rank 0 writes the file
+            carried = {name: [self._gather_rows(t).cpu() for t in group] for name, group in zip(("h", "c", "z"), state)}
+        checkpoint["hmlstm"] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "epoch": self.current_epoch,
+            "train_position": self._train_position,
+            "train_state": carried,
+            "skipped_batches": self.skipped_batches,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def _gather_rows(self, t: Tensor) -> Tensor:
+        if not self._distributed:
+            return t
+        return self.all_gather(t).flatten(0, 1)  # (W, B/W, ...) -> (B, ...)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("hmlstm", {"format": 0, "version": "< 0.1"})
+        if meta.get("format", 0) > CHECKPOINT_FORMAT:
+            raise CheckpointError(f"the checkpoint was written by hmlstm {meta.get('version')} in checkpoint format "
+                                  f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
+                                  f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
+        self.skipped_batches = int(meta.get("skipped_batches", 0))
+        if self._trainer is None or self.trainer.state.fn != "fit" or meta.get("format", 0) < 1:
+            return  # loading weights, evaluating, or an old checkpoint: no run state to restore
+        self._resume = {"epoch": meta["epoch"], "position": meta["train_position"], "state": meta["train_state"]}
+        torch.set_rng_state(meta["rng"]["torch"])
+        if meta["rng"]["cuda"] and torch.cuda.is_available() and len(meta["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(meta["rng"]["cuda"])
+
+    def _resumed_state(self) -> Optional[HMLSTMState]:
+        """The checkpoint's carried state if training resumes in the middle of the epoch it was saved in."""
+        resume, self._resume = self._resume, None
+        self._train_position = 0
+        if resume is None or resume["state"] is None or resume["epoch"] != self.current_epoch:
+            return None
+        loader = self.trainer.train_dataloader
+        position = getattr(loader, "position", None)
+        if position is None:
+            rank_zero_warn("resuming in the middle of an epoch with a training loader that cannot start there (not "
+                           "a hmlstm.data.StreamLoader): the carried state restarts from zeros")
+            return None
+        if position != resume["position"] or position == 0:
+            return None  # the loader restarts the epoch: so do the streams
+        self._train_position = position
+        rows = getattr(loader, "rows", slice(None))
+        groups = [tuple(t[rows].to(self.device) for t in resume["state"][name]) for name in ("h", "c", "z")]
+        return HMLSTMState(*groups)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> "HMLSTMLanguageModel":
+        """Lightning's loader, with a clear `CheckpointError` for a missing, truncated or incompatible file."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            problem = describe_checkpoint_problem(checkpoint_path)
+            if problem is not None:
+                raise CheckpointError(problem)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except (KeyError, RuntimeError) as e:
+            if isinstance(e, KeyError) or "state_dict" in str(e):
+                raise CheckpointError(f"{checkpoint_path} does not fit this hmlstm {__version__} "
+                                      f"HMLSTMLanguageModel (written by another version or another model class?): "
+                                      f"{type(e).__name__}: {str(e)[:500]}") from e
+            raise
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

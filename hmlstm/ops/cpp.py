@@ -148,9 +148,12 @@ def fused_cell_step(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     # COPY rows need U h_{t-1} only for the gradients of the boundaries (PAPER.md, the reference gradient)
     dense_copy = grad and (z.requires_grad or z_below.requires_grad)
-    h_t, c_t, z_t, _ = torch.ops.hmlstm.cell_fwd(
-        x, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w, p.ln_cell_b, slope, noise,
-        _MODES[cfg.boundary], cfg.copy_boundary == "recompute", grad, dense_copy, poison_enabled())
+    # Autocast off: the kernel's own matmuls must stay in the inputs' dtype (bf16 under autocast would not
+    # match the kernel's fp32 buffers); half inputs were already cast to fp32 above.
+    with torch.autocast(x.device.type, enabled=False):
+        h_t, c_t, z_t, _ = torch.ops.hmlstm.cell_fwd(
+            x, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w, p.ln_cell_b, slope,
+            noise, _MODES[cfg.boundary], cfg.copy_boundary == "recompute", grad, dense_copy, poison_enabled())
     if in_dtype in _HALF:
         h_t, z_t = h_t.to(in_dtype), z_t.to(in_dtype)
     return h_t, c_t, (z_t if cfg.has_boundary else None)
