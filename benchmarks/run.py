@@ -225,8 +225,8 @@ def measure(suite: str, provider: str, mode: str, size: Size, dtype: torch.dtype
 
 
 def add_speedups(records: list[Record]) -> None:
-    """speedup_vs_lstm = t(nn.LSTM) / t(provider), for the same size, mode and dtype in this run."""
-    key = lambda r: (r.B, r.T, r.H, r.L, r.mode, r.dtype)  # noqa: E731
+    """speedup_vs_lstm = t(nn.LSTM) / t(provider), for the same suite, size, mode and dtype in this run."""
+    key = lambda r: (r.suite, r.B, r.T, r.H, r.L, r.mode, r.dtype)  # noqa: E731
     lstm = {key(r): r.median_s for r in records if r.provider == "lstm" and r.median_s}
     for r in records:
         if r.median_s and key(r) in lstm:
