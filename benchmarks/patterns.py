@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from hmlstm import HMLSTM, HMLSTMOutput
+from hmlstm.metrics import layer_boundaries
 
 BIG = 10.0
 
@@ -66,21 +67,14 @@ def work_fractions(model: HMLSTM, out: HMLSTMOutput, state_z: tuple[Tensor, ...]
     The work of a running row is G * (H + zb * H_above + zu * I) multiply-adds (gated-off terms are
     skipped); the ideal time fraction is this total over the all-UPDATE total G * (H + H_above + I).
     """
-    L = model.num_layers
-    B, T = out.h[0].shape[:2]
-    dev = out.h[0].device
-    zs = [torch.ones(B, T, device=dev)] + [z.float() for z in out.z]  # z^0 = 1
-    init = state_z or tuple(torch.zeros(B, device=dev) for _ in range(L - 1))
+    if not out.z:  # one layer: always UPDATE, all the work
+        return {"running": [1.0], "ideal_time_fraction": 1.0}
+    init = state_z or tuple(torch.zeros_like(z[:, 0]) for z in out.z)
     running, done, full = [], 0.0, 0.0
-    for l, layer in enumerate(model.layers):
+    for layer, (zb, zu) in zip(model.layers, layer_boundaries(out.z, init)):
         G = 4 * layer.hidden_size + int(layer.has_boundary)
         I = layer.weight_ih.shape[1]
         Ha = layer.weight_td.shape[1] if layer.weight_td is not None else 0
-        zu = zs[l]
-        if l < L - 1:
-            zb = torch.cat([init[l].float()[:, None], zs[l + 1][:, :-1]], 1)
-        else:
-            zb = torch.zeros_like(zu)
         run = ((zb > 0) | (zu > 0)).float()
         running.append(run.mean().item())
         done += G * (run * (layer.hidden_size + zb * Ha + zu * I)).mean().item()

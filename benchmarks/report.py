@@ -73,6 +73,30 @@ def copy_table(recs: list[dict]) -> list[str]:
     return out
 
 
+def _by_provider(records: list[dict], sort_key: str) -> list[tuple[str, list[dict]]]:
+    """Records grouped per (provider, mode, dtype) as a legend label, each group sorted by `sort_key`."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[f"{r['provider']} {r['mode']} {r['dtype']}"].append(r)
+    return [(label, sorted(rs, key=lambda r: r[sort_key])) for label, rs in sorted(groups.items())]
+
+
+def _save(fig, ax, path: str, xlabel: str, ylabel: str, title: str, logy: bool = False) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(data: dict, stem: str) -> list[str]:
     import matplotlib
 
@@ -83,50 +107,25 @@ def plots(data: dict, stem: str) -> list[str]:
     copy = [r for r in data["records"] if r["rate"] is not None and not r["error"] and r["work"]]
     if copy:
         fig, ax = plt.subplots(figsize=(6, 4))
-        groups = defaultdict(list)
-        for r in copy:
-            groups[(r["provider"], r["mode"], r["dtype"])].append(r)
         ideal_drawn = False
-        for (prov, mode, dt), rs in sorted(groups.items()):
-            rs.sort(key=lambda r: r["rate"])
+        for label, rs in _by_provider(copy, "rate"):
             base = next((r["median_s"] for r in rs if r["rate"] == 1.0), None)
             if not base:
                 continue
-            ax.plot([r["rate"] for r in rs], [r["median_s"] / base for r in rs], "o-", label=f"{prov} {mode} {dt}")
+            ax.plot([r["rate"] for r in rs], [r["median_s"] / base for r in rs], "o-", label=label)
             if not ideal_drawn:
                 ax.plot([r["rate"] for r in rs], [r["work"]["ideal_time_fraction"] for r in rs], "k--",
                         label="ideal (work left)")
                 ideal_drawn = True
-        ax.set_xscale("log")
-        ax.set_xlabel("upper-layer boundary rate")
-        ax.set_ylabel("time / time at 100%")
-        ax.set_title("COPY skipping")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = f"{stem}-copy.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, f"{stem}-copy.png", "upper-layer boundary rate", "time / time at 100%",
+                             "COPY skipping"))
     batch = [r for r in data["records"] if r["suite"] == "batch" and not r["error"]]
     if batch:
         fig, ax = plt.subplots(figsize=(6, 4))
-        groups = defaultdict(list)
-        for r in batch:
-            groups[(r["provider"], r["mode"], r["dtype"])].append(r)
-        for (prov, mode, dt), rs in sorted(groups.items()):
-            rs.sort(key=lambda r: r["B"])
-            ax.plot([r["B"] for r in rs], [r["chars_per_s"] for r in rs], "o-", label=f"{prov} {mode} {dt}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("characters / s")
-        ax.set_title("Throughput, 3 x 512, T = 100")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = f"{stem}-batch.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        for label, rs in _by_provider(batch, "B"):
+            ax.plot([r["B"] for r in rs], [r["chars_per_s"] for r in rs], "o-", label=label)
+        written.append(_save(fig, ax, f"{stem}-batch.png", "batch", "characters / s", "Throughput, 3 x 512, T = 100",
+                             logy=True))
     return written
 
 

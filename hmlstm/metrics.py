@@ -96,6 +96,24 @@ def whitespace_run_starts(space: Tensor) -> Tensor:
     return space & ~prev
 
 
+def layer_boundaries(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The two boundaries that choose each layer's operation, as float (B, T) tensors (PAPER.md, eq. 2).
+
+    Args:
+        z: L-1 tensors (B, T), the boundaries of layers 1..L-1 (`HMLSTMOutput.z`); at least one.
+        z_init: L-1 tensors (B,), the boundaries before the first step (`HMLSTMState.z` of the input state).
+
+    Returns:
+        L pairs (zb, zu), bottom layer first: zb = z_{t-1}^l (zeros for the top layer, which has no boundary
+        detector), zu = z_t^{l-1} (ones for the first layer: z^0 = 1).
+    """
+    if len(z) != len(z_init):
+        raise ValueError(f"z and z_init must both hold L-1 tensors, got {len(z)} and {len(z_init)}")
+    zs = [z_l.float() for z_l in z]
+    own = [torch.cat([z0.float().unsqueeze(1), z_l[:, :-1]], dim=1) for z0, z_l in zip(z_init, zs)]
+    return list(zip(own + [torch.zeros_like(zs[0])], [torch.ones_like(zs[0])] + zs))
+
+
 def operation_fractions(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[dict[str, Tensor]]:
     """Fraction of UPDATE, COPY and FLUSH steps of every layer (PAPER.md, eq. 2).
 
@@ -109,24 +127,11 @@ def operation_fractions(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[d
     """
     if len(z) != len(z_init):
         raise ValueError(f"z and z_init must both hold L-1 tensors, got {len(z)} and {len(z_init)}")
-    L = len(z) + 1
-    ref = z[0] if z else None
-    out = []
-    for l in range(L):
-        if l < L - 1:  # own previous boundary z_{t-1}^l
-            zb = torch.cat([z_init[l].unsqueeze(1), z[l][:, :-1]], dim=1)
-        else:
-            zb = None
-        zu = z[l - 1] if l > 0 else None  # boundary of the layer below at t (1 for the first layer)
-        if ref is None:  # one layer: a plain LSTM, always UPDATE
-            one = torch.ones(())
-            out.append({"update": one, "copy": one * 0, "flush": one * 0})
-            continue
-        flush = zb.float().mean() if zb is not None else ref.new_zeros(())
-        keep = (1 - zb.float()) if zb is not None else torch.ones_like(ref, dtype=torch.float)
-        below = zu.float() if zu is not None else torch.ones_like(ref, dtype=torch.float)
-        out.append({"update": (keep * below).mean(), "copy": (keep * (1 - below)).mean(), "flush": flush})
-    return out
+    if not z:  # one layer: a plain LSTM, always UPDATE
+        one = torch.ones(())
+        return [{"update": one, "copy": one * 0, "flush": one * 0}]
+    return [{"update": ((1 - zb) * zu).mean(), "copy": ((1 - zb) * (1 - zu)).mean(), "flush": zb.mean()}
+            for zb, zu in layer_boundaries(z, z_init)]
 
 
 def unigram_entropy(ids: Tensor, num_symbols: int | None = None) -> float:
