@@ -596,7 +596,7 @@ std::vector<at::Tensor> cell_bwd_cpu(
     const std::optional<at::Tensor>& ln_gates, const std::optional<at::Tensor>& ln_cell_w,
     const std::optional<at::Tensor>& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
     const at::Tensor& pre_, int64_t boundary_mode, bool recompute, bool dense_copy,
-    std::array<bool, 13> mask, bool poison) {
+    std::array<bool, 13> mask, bool return_ds, bool poison) {
   const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
   const auto opts = in.x.options();
   const int64_t B = in.B, H = in.H, G = in.G, H4 = 4 * H;
@@ -611,6 +611,7 @@ std::vector<at::Tensor> cell_bwd_cpu(
   TORCH_CHECK(!in.has_z || gz.size(0) == B, "hmlstm::cell_bwd: grad_z must have shape (B,)");
 
   std::vector<at::Tensor> out(kNumGrads);
+  at::Tensor ds_full;
   at::Tensor dh = new_output({B, H}, opts, poison);
   at::Tensor dc = new_output({B, H}, opts, poison);
   at::Tensor dzb = zgrad ? new_output({B}, opts, poison) : at::Tensor();
@@ -636,6 +637,14 @@ std::vector<at::Tensor> cell_bwd_cpu(
                        ptr(ds), dh.data_ptr<T>(), dc.data_ptr<T>(), ptr(dzb), ptr(dzu), ds_copy.data_ptr<T>(),
                        ptr(da), ptr(dgain), ptr(dlcw), ptr(dlcb)};
     backward_rows<T>(L, rs, zgrad, bufs);
+    if (return_ds) {
+      if (nA == B) {  // every row active: `ds` is already in row order
+        ds_full = ds;
+      } else {
+        ds_full = at::zeros({B, G}, opts);
+        if (nA > 0) scatter_rows<T>(ds_full, ds, rs.active, false);
+      }
+    }
 
     // The recurrent term U h, never gated: a GEMM over the active rows.
     if (nA > 0 && mask[kH]) {
@@ -672,29 +681,16 @@ std::vector<at::Tensor> cell_bwd_cpu(
   for (int k = 0; k < kNumGrads; ++k) {
     if (!mask[k] || !out[k].defined()) out[k] = at::empty({0}, opts);
   }
+  out.push_back(return_ds ? ds_full : at::empty({0}, opts));
+  out.push_back(return_ds ? ds_copy : at::empty({0}, opts));
   return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cell_bwd_cpu_tuple(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z,
-                   const at::Tensor& x, const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c,
-                   const at::Tensor& z, const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U,
-                   const at::Tensor& V, const at::Tensor& b, const std::optional<at::Tensor>& ln_gates,
-                   const std::optional<at::Tensor>& ln_cell_w, const std::optional<at::Tensor>& ln_cell_b,
-                   const at::Tensor& slope, const std::optional<at::Tensor>& noise, const at::Tensor& pre,
-                   int64_t boundary_mode, bool recompute, bool dense_copy, std::array<bool, 13> output_mask,
-                   bool poison) {
-  auto g = cell_bwd_cpu(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
-                        ln_cell_b, slope, noise, pre, boundary_mode, recompute, dense_copy, output_mask, poison);
-  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hmlstm, CPU, m) {
   m.impl("cell_fwd", &cell_fwd_cpu);
-  m.impl("cell_bwd", &cell_bwd_cpu_tuple);
+  m.impl("cell_bwd", &cell_bwd_cpu);
 }
 
 }  // namespace hmlstm

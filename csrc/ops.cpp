@@ -20,14 +20,17 @@ TORCH_LIBRARY(hmlstm, m) {
       "Tensor? noise, int boundary_mode, bool recompute, bool save, bool dense_copy, bool poison) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Its backward: the gradient of the reference's dense formula (PAPER.md, "the reference gradient").
-  // output_mask selects, in the order of the returns, which gradients to compute; the others are (0,).
+  // Returns 15 tensors: the gradients of x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
+  // ln_cell_b (output_mask selects which to compute; the others are (0,)), then, when return_ds is true,
+  // ds (B, G): the gradient of the pre-activation s (zero on COPY rows), and ds_copy (B,): that of the
+  // recomputed COPY boundary's pre-activation U[4H] h + b[4H] (zero under `hold`); (0,) otherwise.
+  // With ds a caller can form the weight gradients itself, e.g. as one GEMM over many steps:
+  //   dU = ds^T h (+ ds_copy^T h in row 4H),  dV = (z * ds)^T h_above,  dW = (z_below * ds)^T x.
   m.def(
       "cell_bwd(Tensor grad_h, Tensor grad_c, Tensor grad_z, Tensor x, Tensor z_below, Tensor h, Tensor c, "
       "Tensor z, Tensor h_above, Tensor W, Tensor U, Tensor V, Tensor b, Tensor? ln_gates, "
       "Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, Tensor? noise, Tensor pre, int boundary_mode, "
-      "bool recompute, bool dense_copy, bool[13] output_mask, bool poison) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "bool recompute, bool dense_copy, bool[13] output_mask, bool return_ds, bool poison) -> Tensor[]");
 }
 
 // `import hmlstm._C` only has to load this library so that the registrations above run; the module

@@ -31,8 +31,14 @@ _MODULES = {
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
+_LOADED: dict = {}
+
+
 def _module(name: str):
-    return importlib.import_module(_MODULES[name])
+    # Cached: after the first (eager) call, torch.compile traces a dict lookup instead of an import.
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return _LOADED[name]
 
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:

@@ -1,6 +1,7 @@
 """The C++ CPU backend (hmlstm::cell_fwd / cell_bwd) against the reference: values, every gradient, op
 registration (opcheck, torch.compile), the work it skips, half precision and its error messages."""
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 
 from harness import make_case, assert_matches_reference, rel_err, run_case
 from hmlstm import HMLSTM, CellConfig, LayerParams, backends, naive_cell_step
+from hmlstm.sequence import stepwise_forward
 
 cpp = pytest.importorskip("hmlstm.ops.cpp")
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason("cpu") is not None,
@@ -52,6 +54,49 @@ FLOAT32 = [
 def test_matches_reference(case):
     """Every output and every gradient (input, initial state, weights) under random upstream gradients."""
     assert_matches_reference("cpp", case)
+
+
+# -- the whole-sequence autograd node (hmlstm/ops/cpp_sequence.py) ----------------------------------------
+
+def test_training_forward_is_one_sequence_node_and_inference_is_per_step():
+    model = HMLSTM(5, (6, 4), backend="cpp").to(F64)
+    x = torch.randn(2, 3, 5, dtype=F64)
+    assert type(model(x).h[-1].grad_fn).__name__ == "FusedSequenceBackward"
+    with torch.no_grad():
+        assert model(x).h[-1].grad_fn is None
+
+
+@pytest.mark.parametrize("case", _params([MODES[11], SHAPES[1], PATTERNS[5]]))
+def test_per_step_autograd_matches_reference(case, monkeypatch):
+    """The per-step op's own autograd (the path torch.compile traces), without the sequence node."""
+    monkeypatch.setattr(cpp, "sequence_forward", functools.partial(stepwise_forward, cpp.fused_cell_step))
+    assert_matches_reference("cpp", case)
+
+
+@pytest.mark.parametrize("case", _params([MODES[0], MODES[11], PATTERNS[4]]))
+def test_weight_gradients_over_many_chunks(case, monkeypatch):
+    """Weight-gradient GEMMs flushed every one to three steps give the same gradients."""
+    from hmlstm.ops import cpp_sequence
+
+    monkeypatch.setattr(cpp_sequence, "CHUNK_ROWS", 7)
+    assert_matches_reference("cpp", case)
+
+
+def test_compiled_model_with_gradients_matches_eager():
+    """Under torch.compile the model runs the per-step ops (traceable) and matches eager training."""
+    case = make_case(3, 3, (6, 5), layer_norm=True, copy_boundary="recompute", dtype=F32)
+    model = HMLSTM(case.input_size, case.hidden_sizes, layer_norm=True, copy_boundary="recompute", backend="cpp")
+    model.load_state_dict(case.state_dict)
+
+    def loss_and_grads(fn):
+        loss = fn(case.x).h[-1].square().sum()
+        return [loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))]
+
+    eager = loss_and_grads(model)
+    torch._dynamo.reset()
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # -- one layer-step with only some inputs requiring grad (the paths that skip gradient work) ------------
@@ -170,7 +215,11 @@ def test_opcheck_cell_bwd(dtype, has_boundary, layer_norm, mode, recompute):
     grads = [torch.randn_like(h), torch.randn_like(c), torch.randn_like(z)]
     mask = [a is not None for a in args[:13]]
     torch.library.opcheck(torch.ops.hmlstm.cell_bwd.default,
-                          (*grads, *args[:15], pre, mode, recompute, True, mask, False))
+                          (*grads, *args[:15], pre, mode, recompute, True, mask, False, False))
+    # the variant that also returns ds and ds_copy (the sequence backward's weight-gradient input)
+    mask[6:9] = [False, False, False]
+    torch.library.opcheck(torch.ops.hmlstm.cell_bwd.default,
+                          (*grads, *args[:15], pre, mode, recompute, True, mask, True, False))
 
 
 def test_compile_fullgraph_matches_eager():

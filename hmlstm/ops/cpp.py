@@ -15,12 +15,14 @@ accumulation) and return h and z in the input dtype and c in float32 (an fp32 ce
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..reference import CellConfig, LayerParams
+from ..sequence import stepwise_forward
+from ..state import HMLSTMOutput, HMLSTMState
 from .common import poison_enabled
 
 BUILD_COMMAND = "pip install torch==2.13.0 && pip install --no-build-isolation -e ."
@@ -67,10 +69,14 @@ if _IMPORT_ERROR is None:
     # Why: the backward op is traced as well when torch.compile builds the joint graph.
     @torch.library.register_fake("hmlstm::cell_bwd")
     def _cell_bwd_fake(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
-                       ln_cell_b, slope, noise, pre, boundary_mode, recompute, dense_copy, output_mask, poison):
+                       ln_cell_b, slope, noise, pre, boundary_mode, recompute, dense_copy, output_mask, return_ds,
+                       poison):
         like = (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b)
-        return tuple(t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0)
-                     for t, need in zip(like, output_mask))
+        grads = [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0)
+                 for t, need in zip(like, output_mask)]
+        B, G = pre.shape
+        extra = [x.new_empty(B, G), x.new_empty(B)] if return_ds else [x.new_empty(0), x.new_empty(0)]
+        return grads + extra
 
     def _setup_context(ctx, inputs, output):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
@@ -92,8 +98,8 @@ if _IMPORT_ERROR is None:
         mask = list(ctx.needs_input_grad[: len(_GRAD_INPUTS)])
         grads = torch.ops.hmlstm.cell_bwd(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b,
                                           ln_gates, ln_cell_w, ln_cell_b, slope, noise, pre, ctx.boundary_mode,
-                                          ctx.recompute, ctx.dense_copy, mask, poison_enabled())
-        grads = tuple(g if need else None for g, need in zip(grads, mask))
+                                          ctx.recompute, ctx.dense_copy, mask, False, poison_enabled())
+        grads = tuple(g if need else None for g, need in zip(grads[: len(_GRAD_INPUTS)], mask))
         return grads + (None,) * 7  # slope (annealed, not learned), noise and the static arguments
 
     # Why: cell_fwd is a C++ op without an Autograd kernel; this attaches the fused backward (cell_bwd)
@@ -157,3 +163,42 @@ def fused_cell_step(
     if in_dtype in _HALF:
         h_t, z_t = h_t.to(in_dtype), z_t.to(in_dtype)
     return h_t, c_t, (z_t if cfg.has_boundary else None)
+
+
+def sequence_forward(
+    x: Tensor,
+    params: Sequence[LayerParams],
+    cfgs: Sequence[CellConfig],
+    state: HMLSTMState,
+    slope: Tensor,
+    noise: Optional[Tensor],
+) -> HMLSTMOutput:
+    """L layers over T steps on the CPU; the signature of `hmlstm.sequence.stepwise_forward` minus `step`.
+
+    x: (B, T, I); state: h, c L x (B, H_l), z (L-1) x (B,); noise: (B, T, L-1) or None.
+    With a gradient required, the whole sequence is one autograd node whose backward forms each weight
+    gradient as one GEMM over many steps (`hmlstm.ops.cpp_sequence`); without one, or while torch.compile
+    traces (the per-step op is what it can see through), the per-step op runs in `stepwise_forward`.
+    """
+    reason = unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='cpp' is not available: {reason}")
+    tensors = [x, *state.h, *state.c, *state.z, *(t for p in params for t in p if t is not None)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not grad or torch.compiler.is_compiling():
+        return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise)
+    from .cpp_sequence import fused_sequence_forward
+
+    in_dtype = x.dtype
+    if any(t.dtype in _HALF for t in tensors):  # fp32 accumulation and an fp32 cell state, as fused_cell_step
+        f32 = lambda t: t.float() if t is not None else None  # noqa: E731
+        x, slope, noise = f32(x), f32(slope), f32(noise)
+        state = HMLSTMState(*(tuple(f32(t) for t in group) for group in state))
+        params = [LayerParams(*(f32(t) for t in p)) for p in params]
+    with torch.autocast(x.device.type, enabled=False):
+        out = fused_sequence_forward(x, params, cfgs, state, slope, noise, poison_enabled())
+    if in_dtype in _HALF:
+        cast = lambda ts: tuple(t.to(in_dtype) for t in ts)  # noqa: E731
+        out = HMLSTMOutput(cast(out.h), out.c, cast(out.z),
+                           HMLSTMState(cast(out.state.h), out.state.c, cast(out.state.z)))
+    return out

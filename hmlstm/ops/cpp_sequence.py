@@ -1,0 +1,253 @@
+"""The C++ backend over a whole sequence: one autograd node for T steps of L layers.
+
+Why: autograd over per-step ops forms each weight gradient as T products (G, B) @ (B, K) whose inner
+dimension is only the batch, and adds them up one by one. At the paper's PTB size on 2 CPU cores that was
+half of the training step (39 GFLOP/s, where one product with the same FLOPs runs at 180). Here the
+backward runs the reverse time loop itself: `hmlstm::cell_bwd` gives the data gradients and `ds`, the
+gradient of the step's pre-activation, and each weight gradient is one GEMM over the gated rows of many
+steps (PAPER.md's dense straight-through gradient, as in `hmlstm.reference`):
+
+    dU = sum_t ds_t^T h_{t-1}^l                    over the active rows (not COPY)
+    dV = sum_t (z_{t-1}^l ds_t)^T h_{t-1}^{l+1}     over the rows with z_{t-1}^l != 0
+    dW = sum_t (z_t^{l-1} ds_t)^T h_t^{l-1}         over the rows with z_t^{l-1} != 0
+
+gathered in chunks of at most CHUNK_ROWS rows, so that memory stays bounded on long sequences.
+The forward is the per-step op (`hmlstm::cell_fwd`) in the same loop as `hmlstm.sequence.stepwise_forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..reference import CellConfig, LayerParams
+from ..state import HMLSTMOutput, HMLSTMState
+
+# Rows of one weight-gradient GEMM: large enough to run at full speed, small enough for memory
+# (8192 rows of ds at H = 1024 are 134 MB in fp32).
+CHUNK_ROWS = 8192
+_N_PARAMS = len(LayerParams._fields)  # W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
+_W, _U, _V, _B = range(4)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Static options of one call (hashable: an autograd.Function argument that is not a tensor)."""
+
+    L: int
+    mode: int  # 0 step, 1 sample, 2 soft
+    recompute: bool
+    poison: bool
+
+
+def _split(spec: _Spec, flat: Sequence[Optional[Tensor]]):
+    L = spec.L
+    h0, c0, z0 = flat[:L], flat[L:2 * L], flat[2 * L:3 * L - 1]
+    p = flat[3 * L - 1:]
+    return h0, c0, z0, [LayerParams(*p[k * _N_PARAMS:(k + 1) * _N_PARAMS]) for k in range(L)]
+
+
+class _StepInputs:
+    """The inputs of layer-step (l, t), read back from the forward's per-step outputs."""
+
+    def __init__(self, x_t: Tensor, h0, c0, z0, hs, cs, zs, noise_t: Optional[Tensor]):
+        self.x_t, self.h0, self.c0, self.z0 = x_t, h0, c0, z0
+        self.hs, self.cs, self.zs, self.noise_t = hs, cs, zs, noise_t
+        self.L = len(h0)
+        B = x_t.shape[1]
+        self.ones = x_t.new_ones(B)
+        self.zeros = x_t.new_zeros(B)
+        self.no_above = x_t.new_zeros(B, 0)
+
+    def __call__(self, l: int, t: int):
+        L = self.L
+        below = self.x_t[t] if l == 0 else self.hs[l - 1][t]
+        z_below = self.ones if l == 0 else self.zs[l - 1][t]
+        h = self.h0[l] if t == 0 else self.hs[l][t - 1]
+        c = self.c0[l] if t == 0 else self.cs[l][t - 1]
+        z = self.zeros if l == L - 1 else (self.z0[l] if t == 0 else self.zs[l][t - 1])
+        h_above = self.no_above if l == L - 1 else (self.h0[l + 1] if t == 0 else self.hs[l + 1][t - 1])
+        noise = self.noise_t[t, l] if (self.noise_t is not None and l < L - 1) else None
+        return below, z_below, h, c, z, h_above, noise
+
+
+class _WeightGrads:
+    """Accumulates one layer's dW, dU, dV over the steps of the backward, one GEMM per chunk."""
+
+    def __init__(self, p: LayerParams, recompute: bool, has_z: bool):
+        self.dW, self.dU, self.dV = (torch.zeros_like(w) for w in (p.W, p.U, p.V))
+        self.recompute_row = 4 * p.U.shape[1] if (recompute and has_z) else None
+        self.items: list[tuple[Tensor, ...]] = []
+        self.rows = 0
+
+    def add(self, ds: Tensor, ds_copy: Tensor, below: Tensor, z_below: Tensor, h: Tensor, z: Tensor,
+            h_above: Tensor) -> None:
+        self.items.append((ds, ds_copy, below, z_below, h, z, h_above))
+        self.rows += ds.shape[0]
+        if self.rows >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        ds, ds_copy, below, z_below, h, z, h_above = (torch.cat(col) for col in zip(*self.items))
+        self.items, self.rows = [], 0
+        _gated_outer(self.dU, ds, h, (z != 0) | (z_below != 0), None)
+        if self.dV.shape[1] > 0:
+            _gated_outer(self.dV, ds, h_above, z != 0, z)
+        if self.dW.shape[1] > 0:
+            _gated_outer(self.dW, ds, below, z_below != 0, z_below)
+        if self.recompute_row is not None:
+            self.dU[self.recompute_row].addmv_(h.t(), ds_copy)
+
+
+def _gated_outer(acc: Tensor, ds: Tensor, inp: Tensor, on: Tensor, gate: Optional[Tensor]) -> None:
+    """acc += (gate * ds)^T inp over the rows where `on`; a GEMM on the gathered rows only."""
+    n_on = int(on.sum())
+    if n_on == 0:
+        return
+    if n_on < on.numel():
+        idx = on.nonzero().squeeze(1)
+        ds, inp = ds.index_select(0, idx), inp.index_select(0, idx)
+        gate = gate.index_select(0, idx) if gate is not None else None
+    if gate is not None and not bool((gate == 1).all()):  # soft boundaries: scale the rows
+        inp = inp * gate.unsqueeze(1)
+    acc.addmm_(ds.t(), inp)
+
+
+class FusedSequence(torch.autograd.Function):
+    """forward(spec, x, slope, noise, *h0, *c0, *z0, *params) -> (*h, *c, *z, *h_T, *c_T, *z_T).
+
+    x: (B, T, I); h0, c0: L x (B, H_l); z0: (L-1) x (B,); params: L x the 7 fields of LayerParams.
+    Returns h, c: L x (B, T, H_l), z: (L-1) x (B, T) and the final state.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], *flat):
+        h0, c0, z0, params = _split(spec, flat)
+        L, (B, T, _) = spec.L, x.shape
+        x_t = x.transpose(0, 1).contiguous()  # (T, B, I): each step's rows contiguous
+        noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None  # (T, L-1, B)
+        hs: list[list[Tensor]] = [[] for _ in range(L)]
+        cs: list[list[Tensor]] = [[] for _ in range(L)]
+        zs: list[list[Tensor]] = [[] for _ in range(L - 1)]
+        pres: list[list[Tensor]] = [[] for _ in range(L)]
+        inputs = _StepInputs(x_t, h0, c0, z0, hs, cs, zs, noise_t)
+        dense_copy = L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
+        for t in range(T):
+            for l in range(L):
+                below, z_below, h, c, z, h_above, n = inputs(l, t)
+                p = params[l]
+                h_t, c_t, z_t, pre = torch.ops.hmlstm.cell_fwd(
+                    below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w,
+                    p.ln_cell_b, slope, n, spec.mode, spec.recompute, True, dense_copy, spec.poison)
+                hs[l].append(h_t)
+                cs[l].append(c_t)
+                pres[l].append(pre)
+                if l < L - 1:
+                    zs[l].append(z_t)
+        ctx.spec, ctx.dense_copy = spec, dense_copy
+        ctx.hs, ctx.cs, ctx.zs, ctx.pres = hs, cs, zs, pres
+        ctx.save_for_backward(x, slope, noise, *flat)
+        ctx.set_materialize_grads(False)
+        outs = ([torch.stack(s, 1) for s in hs] + [torch.stack(s, 1) for s in cs] + [torch.stack(s, 1) for s in zs]
+                + [s[-1].clone() for s in hs] + [s[-1].clone() for s in cs] + [s[-1].clone() for s in zs])
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        spec = ctx.spec
+        L = spec.L
+        x, slope, noise, *flat = ctx.saved_tensors
+        h0, c0, z0, params = _split(spec, flat)
+        needs = ctx.needs_input_grad
+        B, T, _ = x.shape
+        x_t = x.transpose(0, 1).contiguous()
+        noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None
+        inputs = _StepInputs(x_t, h0, c0, z0, ctx.hs, ctx.cs, ctx.zs, noise_t)
+        gH, gC, gZ = grads[:L], grads[L:2 * L], grads[2 * L:3 * L - 1]
+        gHT, gCT, gZT = grads[3 * L - 1:4 * L - 1], grads[4 * L - 1:5 * L - 1], grads[5 * L - 1:]
+        per_step = lambda g: g.transpose(0, 1).contiguous() if g is not None else None  # noqa: E731  (T, B, ...)
+        gH, gC, gZ = [per_step(g) for g in gH], [per_step(g) for g in gC], [per_step(g) for g in gZ]
+        # pending[l]: the gradient reaching layer l's h, c (and z) of the step the loop is about to process
+        gh = [g.clone() if g is not None else torch.zeros_like(h) for g, h in zip(gHT, h0)]
+        gc = [g.clone() if g is not None else torch.zeros_like(c) for g, c in zip(gCT, c0)]
+        gz = [g.clone() if g is not None else torch.zeros_like(z) for g, z in zip(gZT, z0)]
+        p_off = 4 + 3 * L - 1  # forward's inputs: spec, x, slope, noise, the 3L-1 state tensors, the parameters
+        need_p = [needs[p_off + k * _N_PARAMS:p_off + (k + 1) * _N_PARAMS] for k in range(L)]
+        wgrads = [_WeightGrads(params[l], spec.recompute, l < L - 1) for l in range(L)]
+        small = [[None] * _N_PARAMS for _ in range(L)]  # b and the LN vectors, summed per step
+        dx = torch.empty_like(x_t) if needs[1] else None
+        for t in reversed(range(T)):
+            for l in reversed(range(L)):
+                below, z_below, h, c, z, h_above, n = inputs(l, t)
+                p = params[l]
+                g_h = gh[l] + gH[l][t] if gH[l] is not None else gh[l]
+                g_c = gc[l] + gC[l][t] if gC[l] is not None else gc[l]
+                if l < L - 1:
+                    g_z = gz[l] + gZ[l][t] if gZ[l] is not None else gz[l]
+                else:
+                    g_z = x.new_zeros(0)
+                top = l == L - 1
+                mask = [l > 0 or needs[1], l > 0, True, True, not top, not top, False, False, False,
+                        *(bool(need_p[l][k]) and p[k] is not None for k in range(_B, _N_PARAMS))]
+                out = torch.ops.hmlstm.cell_bwd(
+                    g_h, g_c, g_z, below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates,
+                    p.ln_cell_w, p.ln_cell_b, slope, n, ctx.pres[l][t], spec.mode, spec.recompute,
+                    ctx.dense_copy, mask, True, spec.poison)
+                d_below, d_zbelow, d_h, d_c, d_z, d_above = out[:6]
+                for k in range(_B, _N_PARAMS):
+                    if mask[9 + k - _B]:
+                        small[l][k] = out[6 + k] if small[l][k] is None else small[l][k] + out[6 + k]
+                if any(need_p[l][:3]):
+                    wgrads[l].add(out[13], out[14], below, z_below, h, z, h_above)
+                # route each gradient to the pending slot of the tensor it belongs to (see _StepInputs)
+                if l == 0:
+                    if dx is not None:
+                        dx[t] = d_below
+                else:
+                    gh[l - 1] = gh[l - 1] + d_below
+                    gz[l - 1] = gz[l - 1] + d_zbelow
+                gh[l], gc[l] = d_h, d_c
+                if not top:
+                    gz[l] = d_z
+                    gh[l + 1] = gh[l + 1] + d_above
+        param_grads: list[Optional[Tensor]] = []
+        for l in range(L):
+            wg = wgrads[l]
+            wg.flush()
+            for k in range(_N_PARAMS):
+                if not need_p[l][k]:
+                    param_grads.append(None)
+                elif k < _B:
+                    param_grads.append((wg.dW, wg.dU, wg.dV)[k])
+                else:
+                    param_grads.append(small[l][k])
+        dx = dx.transpose(0, 1) if dx is not None else None
+        state_grads = [g if need else None for g, need in zip(gh + gc + gz, needs[4:4 + 3 * L - 1])]
+        return (None, dx, None, None, *state_grads, *param_grads)
+
+
+_MODES = {"step": 0, "sample": 1, "soft": 2}
+
+
+def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Sequence[CellConfig],
+                           state: HMLSTMState, slope: Tensor, noise: Optional[Tensor],
+                           poison: bool) -> HMLSTMOutput:
+    """`stepwise_forward` of the C++ op as one autograd node (fp32 or fp64 tensors, all on the CPU).
+
+    x: (B, T, I); params, cfgs: one per layer; state: h, c L x (B, H_l), z (L-1) x (B,);
+    slope: 0-dim; noise: (B, T, L-1) for boundary="sample", else None.
+    """
+    L = len(params)
+    spec = _Spec(L, _MODES[cfgs[0].boundary], cfgs[0].copy_boundary == "recompute", poison)
+    flat = [*state.h, *state.c, *state.z, *(t for p in params for t in p)]
+    outs = FusedSequence.apply(spec, x, slope, noise if spec.mode == 1 else None, *flat)
+    h, c, z = outs[:L], outs[L:2 * L], outs[2 * L:3 * L - 1]
+    hT, cT, zT = outs[3 * L - 1:4 * L - 1], outs[4 * L - 1:5 * L - 1], outs[5 * L - 1:]
+    return HMLSTMOutput(tuple(h), tuple(c), tuple(z), HMLSTMState(tuple(hT), tuple(cT), tuple(zT)))
