@@ -82,6 +82,54 @@ def test_weight_gradients_over_many_chunks(case, monkeypatch):
     assert_matches_reference("cpp", case)
 
 
+needs_packing = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                                   or not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_packing
+@pytest.mark.parametrize("has_boundary", [True, False], ids=["z", "top"])
+def test_packed_weights_give_the_plain_products(has_boundary):
+    """cell_fwd / cell_bwd with oneDNN-packed weights (float32) equal the same ops with plain GEMMs."""
+    from hmlstm.ops.cpp_sequence import _pack
+
+    args = _op_args(F32, has_boundary, True, 0, True, False)
+    p = LayerParams(*args[6:13])
+    fwd_packed, bwd_packed = _pack([p], 6, False)[0], _pack([p], 6, True)[0]
+    assert (fwd_packed[2] is None) == (not has_boundary)  # no top-down weight on the top layer
+    plain = torch.ops.hmlstm.cell_fwd(*args[:15], 0, True, True, True, [], False)
+    packed = torch.ops.hmlstm.cell_fwd(*args[:15], 0, True, True, True, fwd_packed, False)
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    h, c, z, pre = plain
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(t.shape, generator=g) for t in (h, c, z)]
+    mask = [a is not None for a in args[:13]]
+    mask[6:9] = [False, False, False]
+    outs = [torch.ops.hmlstm.cell_bwd(*grads, *args[:15], pre, 0, True, True, mask, True, pk, False)
+            for pk in ([], bwd_packed)]
+    for a, b in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", _params([FLOAT32[1]]))
+def test_sequence_without_packed_weights(case, monkeypatch):
+    from hmlstm.ops import cpp_sequence
+
+    monkeypatch.setattr(cpp_sequence, "USE_PACKED_WEIGHTS", False)
+    assert_matches_reference("cpp", case)
+
+
+def test_float32_nonlinearities_propagate_nan_and_saturate():
+    """The float32 kernels' own exp (csrc/cell_cpu.cpp) keeps NaN a NaN and saturates, as libm does."""
+    model = HMLSTM(3, (4, 2), backend="cpp")
+    x = torch.tensor([[[0.0, 1.0, -1.0], [float("nan"), 0.0, 0.0]]])
+    with torch.no_grad():
+        out = model(x)
+        assert torch.isfinite(out.h[0][0, 0]).all() and torch.isnan(out.h[0][0, 1]).all()
+        big = model(torch.full((1, 2, 3), 1e30))  # gates saturate at 0 / 1, h stays in [-1, 1]
+    assert torch.isfinite(big.h[0]).all() and big.h[0].abs().max() <= 1
+
+
 def test_compiled_model_with_gradients_matches_eager():
     """Under torch.compile the model runs the per-step ops (traceable) and matches eager training."""
     case = make_case(3, 3, (6, 5), layer_norm=True, copy_boundary="recompute", dtype=F32)
@@ -164,7 +212,7 @@ def test_no_grad_copy_rows_are_copied_and_nothing_is_saved():
     with torch.no_grad():
         h, c, z, pre = torch.ops.hmlstm.cell_fwd(
             inputs["x"], inputs["z_below"], inputs["h"], inputs["c"], inputs["z"], inputs["h_above"], p.W, p.U, p.V,
-            p.b, None, None, None, inputs["slope"], None, 0, False, False, False, True)
+            p.b, None, None, None, inputs["slope"], None, 0, False, False, False, [], True)
     copy = inputs["z_below"] == 0
     assert torch.equal(h[copy], inputs["h"][copy]) and torch.equal(c[copy], inputs["c"][copy])
     assert torch.equal(z[copy], torch.zeros(int(copy.sum()), dtype=F64))
@@ -191,7 +239,7 @@ def _op_args(dtype, has_boundary, layer_norm, mode, recompute, requires_grad):
     args = [d["x"], d["z_below"], d["h"], d["c"], d["z"], d["h_above"], *p, d["slope"], noise]
     if requires_grad:
         args = [a.requires_grad_(True) if (a is not None and k not in (13, 14)) else a for k, a in enumerate(args)]
-    return args + [mode, recompute, requires_grad, requires_grad, False]
+    return args + [mode, recompute, requires_grad, requires_grad, [], False]
 
 
 OPCHECK = [pytest.param(dt, hb, ln, mode, rc, id=f"{str(dt)[6:]}-{'z' if hb else 'top'}-{'ln' if ln else 'noln'}"
@@ -211,15 +259,15 @@ def test_opcheck_cell_fwd(dtype, has_boundary, layer_norm, mode, recompute):
 @pytest.mark.parametrize("dtype,has_boundary,layer_norm,mode,recompute", OPCHECK)
 def test_opcheck_cell_bwd(dtype, has_boundary, layer_norm, mode, recompute):
     args = _op_args(dtype, has_boundary, layer_norm, mode, recompute, False)
-    h, c, z, pre = torch.ops.hmlstm.cell_fwd(*args[:15], mode, recompute, True, True, False)
+    h, c, z, pre = torch.ops.hmlstm.cell_fwd(*args[:15], mode, recompute, True, True, [], False)
     grads = [torch.randn_like(h), torch.randn_like(c), torch.randn_like(z)]
     mask = [a is not None for a in args[:13]]
     torch.library.opcheck(torch.ops.hmlstm.cell_bwd.default,
-                          (*grads, *args[:15], pre, mode, recompute, True, mask, False, False))
+                          (*grads, *args[:15], pre, mode, recompute, True, mask, False, [], False))
     # the variant that also returns ds and ds_copy (the sequence backward's weight-gradient input)
     mask[6:9] = [False, False, False]
     torch.library.opcheck(torch.ops.hmlstm.cell_bwd.default,
-                          (*grads, *args[:15], pre, mode, recompute, True, mask, True, False))
+                          (*grads, *args[:15], pre, mode, recompute, True, mask, True, [], False))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -59,7 +59,7 @@ if _IMPORT_ERROR is None:
     # without running the kernel.
     @torch.library.register_fake("hmlstm::cell_fwd")
     def _cell_fwd_fake(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
-                       boundary_mode, recompute, save, dense_copy, poison):
+                       boundary_mode, recompute, save, dense_copy, packed, poison):
         B, H = h.shape
         G = U.shape[0]
         has_z = G == 4 * H + 1
@@ -70,7 +70,7 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("hmlstm::cell_bwd")
     def _cell_bwd_fake(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
                        ln_cell_b, slope, noise, pre, boundary_mode, recompute, dense_copy, output_mask, return_ds,
-                       poison):
+                       packed, poison):
         like = (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b)
         grads = [t.new_empty(t.shape) if (need and t is not None) else x.new_empty(0)
                  for t, need in zip(like, output_mask)]
@@ -80,13 +80,14 @@ if _IMPORT_ERROR is None:
 
     def _setup_context(ctx, inputs, output):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
-         boundary_mode, recompute, save, dense_copy, poison) = inputs
+         boundary_mode, recompute, save, dense_copy, packed, poison) = inputs
         if not save:
             raise RuntimeError("hmlstm::cell_fwd was called with save=False on inputs that require grad; "
                                "call it through hmlstm.ops.cpp.fused_cell_step")
         ctx.save_for_backward(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope,
                               noise, output[3])
         ctx.boundary_mode, ctx.recompute, ctx.dense_copy = boundary_mode, recompute, dense_copy
+        ctx.n_packed = len(packed)
 
     def _backward(ctx, grad_h, grad_c, grad_z, _grad_pre):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
@@ -98,9 +99,11 @@ if _IMPORT_ERROR is None:
         mask = list(ctx.needs_input_grad[: len(_GRAD_INPUTS)])
         grads = torch.ops.hmlstm.cell_bwd(grad_h, grad_c, grad_z, x, z_below, h, c, z, h_above, W, U, V, b,
                                           ln_gates, ln_cell_w, ln_cell_b, slope, noise, pre, ctx.boundary_mode,
-                                          ctx.recompute, ctx.dense_copy, mask, False, poison_enabled())
+                                          ctx.recompute, ctx.dense_copy, mask, False, [], poison_enabled())
         grads = tuple(g if need else None for g, need in zip(grads[: len(_GRAD_INPUTS)], mask))
-        return grads + (None,) * 7  # slope (annealed, not learned), noise and the static arguments
+        # slope (annealed, not learned), noise, the static arguments, and the packed weights (a list: the
+        # gradient's structure must match it)
+        return grads + (None,) * 6 + ([None] * ctx.n_packed, None)
 
     # Why: cell_fwd is a C++ op without an Autograd kernel; this attaches the fused backward (cell_bwd)
     # so that autograd and torch.compile's AOTAutograd differentiate through it.
@@ -159,7 +162,7 @@ def fused_cell_step(
     with torch.autocast(x.device.type, enabled=False):
         h_t, c_t, z_t, _ = torch.ops.hmlstm.cell_fwd(
             x, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w, p.ln_cell_b, slope,
-            noise, _MODES[cfg.boundary], cfg.copy_boundary == "recompute", grad, dense_copy, poison_enabled())
+            noise, _MODES[cfg.boundary], cfg.copy_boundary == "recompute", grad, dense_copy, [], poison_enabled())
     if in_dtype in _HALF:
         h_t, z_t = h_t.to(in_dtype), z_t.to(in_dtype)
     return h_t, c_t, (z_t if cfg.has_boundary else None)
@@ -176,16 +179,16 @@ def sequence_forward(
     """L layers over T steps on the CPU; the signature of `hmlstm.sequence.stepwise_forward` minus `step`.
 
     x: (B, T, I); state: h, c L x (B, H_l), z (L-1) x (B,); noise: (B, T, L-1) or None.
-    With a gradient required, the whole sequence is one autograd node whose backward forms each weight
-    gradient as one GEMM over many steps (`hmlstm.ops.cpp_sequence`); without one, or while torch.compile
-    traces (the per-step op is what it can see through), the per-step op runs in `stepwise_forward`.
+    The time loop runs in `hmlstm.ops.cpp_sequence`: with a gradient required the whole sequence is one
+    autograd node whose backward forms each weight gradient as one GEMM over many steps, and float32
+    products use pre-packed weights. While torch.compile traces, the per-step op (what it can see
+    through) runs in `stepwise_forward` instead.
     """
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='cpp' is not available: {reason}")
     tensors = [x, *state.h, *state.c, *state.z, *(t for p in params for t in p if t is not None)]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not grad or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise)
     from .cpp_sequence import fused_sequence_forward
 

@@ -13,6 +13,10 @@ steps (PAPER.md's dense straight-through gradient, as in `hmlstm.reference`):
 
 gathered in chunks of at most CHUNK_ROWS rows, so that memory stays bounded on long sequences.
 The forward is the per-step op (`hmlstm::cell_fwd`) in the same loop as `hmlstm.sequence.stepwise_forward`.
+
+In float32, the weights are reordered once per sequence into oneDNN's packed layout (and their transposes
+once per backward), and every per-step product uses them (`packed` argument of the ops; see `rows_matmul` in
+csrc/cell_cpu.cpp for the measured reason). USE_PACKED_WEIGHTS = False turns this off.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..state import HMLSTMOutput, HMLSTMState
 # Rows of one weight-gradient GEMM: large enough to run at full speed, small enough for memory
 # (8192 rows of ds at H = 1024 are 134 MB in fp32).
 CHUNK_ROWS = 8192
+USE_PACKED_WEIGHTS = True
 _N_PARAMS = len(LayerParams._fields)  # W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
 _W, _U, _V, _B = range(4)
 
@@ -119,6 +124,56 @@ def _gated_outer(acc: Tensor, ds: Tensor, inp: Tensor, on: Tensor, gate: Optiona
     acc.addmm_(ds.t(), inp)
 
 
+def _can_pack(x: Tensor) -> bool:
+    return (USE_PACKED_WEIGHTS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[list[Optional[Tensor]]]:
+    """Per layer [W, U, V] (or their transposes) in oneDNN's packed layout, for products of `rows` rows."""
+    def one(w: Tensor) -> Optional[Tensor]:
+        if w.numel() == 0:
+            return None
+        w = w.detach()
+        return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transpose else w.contiguous(), rows)
+    return [[one(p.W), one(p.U), one(p.V)] for p in params]
+
+
+def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], h0, c0, z0,
+                  params: Sequence[LayerParams], save: bool):
+    """The time loop; returns per-layer lists of the per-step h, c, z (and `pre` when save)."""
+    L, T = spec.L, x.shape[1]
+    x_t = x.transpose(0, 1).contiguous()  # (T, B, I): each step's rows contiguous
+    noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None  # (T, L-1, B)
+    packed = _pack(params, x.shape[0], False) if _can_pack(x) else [[] for _ in range(L)]
+    hs: list[list[Tensor]] = [[] for _ in range(L)]
+    cs: list[list[Tensor]] = [[] for _ in range(L)]
+    zs: list[list[Tensor]] = [[] for _ in range(L - 1)]
+    pres: list[list[Tensor]] = [[] for _ in range(L)]
+    inputs = _StepInputs(x_t, h0, c0, z0, hs, cs, zs, noise_t)
+    dense_copy = save and L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
+    for t in range(T):
+        for l in range(L):
+            below, z_below, h, c, z, h_above, n = inputs(l, t)
+            p = params[l]
+            h_t, c_t, z_t, pre = torch.ops.hmlstm.cell_fwd(
+                below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w,
+                p.ln_cell_b, slope, n, spec.mode, spec.recompute, save, dense_copy, packed[l], spec.poison)
+            hs[l].append(h_t)
+            cs[l].append(c_t)
+            if save:
+                pres[l].append(pre)
+            if l < L - 1:
+                zs[l].append(z_t)
+    return hs, cs, zs, pres, dense_copy
+
+
+def _outputs(hs, cs, zs, clone_final: bool) -> list[Tensor]:
+    final = (lambda t: t.clone()) if clone_final else (lambda t: t)  # noqa: E731
+    return ([torch.stack(s, 1) for s in hs] + [torch.stack(s, 1) for s in cs] + [torch.stack(s, 1) for s in zs]
+            + [final(s[-1]) for s in hs] + [final(s[-1]) for s in cs] + [final(s[-1]) for s in zs])
+
+
 class FusedSequence(torch.autograd.Function):
     """forward(spec, x, slope, noise, *h0, *c0, *z0, *params) -> (*h, *c, *z, *h_T, *c_T, *z_T).
 
@@ -129,34 +184,13 @@ class FusedSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], *flat):
         h0, c0, z0, params = _split(spec, flat)
-        L, (B, T, _) = spec.L, x.shape
-        x_t = x.transpose(0, 1).contiguous()  # (T, B, I): each step's rows contiguous
-        noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None  # (T, L-1, B)
-        hs: list[list[Tensor]] = [[] for _ in range(L)]
-        cs: list[list[Tensor]] = [[] for _ in range(L)]
-        zs: list[list[Tensor]] = [[] for _ in range(L - 1)]
-        pres: list[list[Tensor]] = [[] for _ in range(L)]
-        inputs = _StepInputs(x_t, h0, c0, z0, hs, cs, zs, noise_t)
-        dense_copy = L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
-        for t in range(T):
-            for l in range(L):
-                below, z_below, h, c, z, h_above, n = inputs(l, t)
-                p = params[l]
-                h_t, c_t, z_t, pre = torch.ops.hmlstm.cell_fwd(
-                    below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w,
-                    p.ln_cell_b, slope, n, spec.mode, spec.recompute, True, dense_copy, spec.poison)
-                hs[l].append(h_t)
-                cs[l].append(c_t)
-                pres[l].append(pre)
-                if l < L - 1:
-                    zs[l].append(z_t)
+        hs, cs, zs, pres, dense_copy = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=True)
         ctx.spec, ctx.dense_copy = spec, dense_copy
         ctx.hs, ctx.cs, ctx.zs, ctx.pres = hs, cs, zs, pres
         ctx.save_for_backward(x, slope, noise, *flat)
         ctx.set_materialize_grads(False)
-        outs = ([torch.stack(s, 1) for s in hs] + [torch.stack(s, 1) for s in cs] + [torch.stack(s, 1) for s in zs]
-                + [s[-1].clone() for s in hs] + [s[-1].clone() for s in cs] + [s[-1].clone() for s in zs])
-        return tuple(outs)
+        # the final state is cloned: the backward reads the per-step tensors, which must stay unmodified
+        return tuple(_outputs(hs, cs, zs, clone_final=True))
 
     @staticmethod
     @once_differentiable
@@ -181,6 +215,7 @@ class FusedSequence(torch.autograd.Function):
         p_off = 4 + 3 * L - 1  # forward's inputs: spec, x, slope, noise, the 3L-1 state tensors, the parameters
         need_p = [needs[p_off + k * _N_PARAMS:p_off + (k + 1) * _N_PARAMS] for k in range(L)]
         wgrads = [_WeightGrads(params[l], spec.recompute, l < L - 1) for l in range(L)]
+        packed = _pack(params, B, True) if _can_pack(x) else [[] for _ in range(L)]
         small = [[None] * _N_PARAMS for _ in range(L)]  # b and the LN vectors, summed per step
         dx = torch.empty_like(x_t) if needs[1] else None
         for t in reversed(range(T)):
@@ -199,7 +234,7 @@ class FusedSequence(torch.autograd.Function):
                 out = torch.ops.hmlstm.cell_bwd(
                     g_h, g_c, g_z, below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates,
                     p.ln_cell_w, p.ln_cell_b, slope, n, ctx.pres[l][t], spec.mode, spec.recompute,
-                    ctx.dense_copy, mask, True, spec.poison)
+                    ctx.dense_copy, mask, True, packed[l], spec.poison)
                 d_below, d_zbelow, d_h, d_c, d_z, d_above = out[:6]
                 for k in range(_B, _N_PARAMS):
                     if mask[9 + k - _B]:
@@ -239,7 +274,7 @@ _MODES = {"step": 0, "sample": 1, "soft": 2}
 def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Sequence[CellConfig],
                            state: HMLSTMState, slope: Tensor, noise: Optional[Tensor],
                            poison: bool) -> HMLSTMOutput:
-    """`stepwise_forward` of the C++ op as one autograd node (fp32 or fp64 tensors, all on the CPU).
+    """`stepwise_forward` of the C++ op: one autograd node when a gradient is needed (fp32/fp64, CPU).
 
     x: (B, T, I); params, cfgs: one per layer; state: h, c L x (B, H_l), z (L-1) x (B,);
     slope: 0-dim; noise: (B, T, L-1) for boundary="sample", else None.
@@ -247,7 +282,13 @@ def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Seque
     L = len(params)
     spec = _Spec(L, _MODES[cfgs[0].boundary], cfgs[0].copy_boundary == "recompute", poison)
     flat = [*state.h, *state.c, *state.z, *(t for p in params for t in p)]
-    outs = FusedSequence.apply(spec, x, slope, noise if spec.mode == 1 else None, *flat)
+    noise = noise if spec.mode == 1 else None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, *flat]):
+        outs = FusedSequence.apply(spec, x, slope, noise, *flat)
+    else:  # inference: nothing saved, COPY rows cost nothing
+        h0, c0, z0, params = _split(spec, flat)
+        hs, cs, zs, _, _ = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=False)
+        outs = _outputs(hs, cs, zs, clone_final=False)
     h, c, z = outs[:L], outs[L:2 * L], outs[2 * L:3 * L - 1]
     hT, cT, zT = outs[3 * L - 1:4 * L - 1], outs[4 * L - 1:5 * L - 1], outs[5 * L - 1:]
     return HMLSTMOutput(tuple(h), tuple(c), tuple(z), HMLSTMState(tuple(hT), tuple(cT), tuple(zT)))
