@@ -94,6 +94,8 @@ def header(device: torch.device) -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "backends": hmlstm.available_backends(device),
+        # CPU timings are only comparable on a quiet machine: the 1/5/15-minute load when the run started
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
