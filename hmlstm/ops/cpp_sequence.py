@@ -30,13 +30,14 @@ from torch.autograd.function import once_differentiable
 
 from ..reference import CellConfig, LayerParams
 from ..state import HMLSTMOutput, HMLSTMState
+from .cpp import _MODES
 
 # Rows of one weight-gradient GEMM: large enough to run at full speed, small enough for memory
 # (8192 rows of ds at H = 1024 are 134 MB in fp32).
 CHUNK_ROWS = 8192
 USE_PACKED_WEIGHTS = True
 _N_PARAMS = len(LayerParams._fields)  # W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
-_W, _U, _V, _B = range(4)
+_B = 3  # index of b in LayerParams; W, U, V (the GEMM weights) come before it
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[lis
 
 def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], h0, c0, z0,
                   params: Sequence[LayerParams], save: bool):
-    """The time loop; returns per-layer lists of the per-step h, c, z (and `pre` when save)."""
+    """The time loop; returns its step-input reader (whose hs, cs, zs hold every step's outputs), the
+    per-layer lists of `pre` (when save) and whether COPY rows kept U h."""
     L, T = spec.L, x.shape[1]
     x_t = x.transpose(0, 1).contiguous()  # (T, B, I): each step's rows contiguous
     noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None  # (T, L-1, B)
@@ -165,7 +167,7 @@ def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor]
                 pres[l].append(pre)
             if l < L - 1:
                 zs[l].append(z_t)
-    return hs, cs, zs, pres, dense_copy
+    return inputs, pres, dense_copy
 
 
 def _outputs(hs, cs, zs, clone_final: bool) -> list[Tensor]:
@@ -184,26 +186,24 @@ class FusedSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], *flat):
         h0, c0, z0, params = _split(spec, flat)
-        hs, cs, zs, pres, dense_copy = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=True)
-        ctx.spec, ctx.dense_copy = spec, dense_copy
-        ctx.hs, ctx.cs, ctx.zs, ctx.pres = hs, cs, zs, pres
+        inputs, pres, dense_copy = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=True)
+        # the per-step tensors (and x, noise laid out per step) that the backward reads its inputs from
+        ctx.spec, ctx.dense_copy, ctx.inputs, ctx.pres = spec, dense_copy, inputs, pres
         ctx.save_for_backward(x, slope, noise, *flat)
         ctx.set_materialize_grads(False)
         # the final state is cloned: the backward reads the per-step tensors, which must stay unmodified
-        return tuple(_outputs(hs, cs, zs, clone_final=True))
+        return tuple(_outputs(inputs.hs, inputs.cs, inputs.zs, clone_final=True))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         spec = ctx.spec
         L = spec.L
-        x, slope, noise, *flat = ctx.saved_tensors
+        x, slope, noise, *flat = ctx.saved_tensors  # unpacking checks that no input was modified in place
         h0, c0, z0, params = _split(spec, flat)
         needs = ctx.needs_input_grad
         B, T, _ = x.shape
-        x_t = x.transpose(0, 1).contiguous()
-        noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None
-        inputs = _StepInputs(x_t, h0, c0, z0, ctx.hs, ctx.cs, ctx.zs, noise_t)
+        inputs = ctx.inputs
         gH, gC, gZ = grads[:L], grads[L:2 * L], grads[2 * L:3 * L - 1]
         gHT, gCT, gZT = grads[3 * L - 1:4 * L - 1], grads[4 * L - 1:5 * L - 1], grads[5 * L - 1:]
         per_step = lambda g: g.transpose(0, 1).contiguous() if g is not None else None  # noqa: E731  (T, B, ...)
@@ -217,7 +217,7 @@ class FusedSequence(torch.autograd.Function):
         wgrads = [_WeightGrads(params[l], spec.recompute, l < L - 1) for l in range(L)]
         packed = _pack(params, B, True) if _can_pack(x) else [[] for _ in range(L)]
         small = [[None] * _N_PARAMS for _ in range(L)]  # b and the LN vectors, summed per step
-        dx = torch.empty_like(x_t) if needs[1] else None
+        dx = torch.empty_like(inputs.x_t) if needs[1] else None
         for t in reversed(range(T)):
             for l in reversed(range(L)):
                 below, z_below, h, c, z, h_above, n = inputs(l, t)
@@ -268,8 +268,6 @@ class FusedSequence(torch.autograd.Function):
         return (None, dx, None, None, *state_grads, *param_grads)
 
 
-_MODES = {"step": 0, "sample": 1, "soft": 2}
-
 
 def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Sequence[CellConfig],
                            state: HMLSTMState, slope: Tensor, noise: Optional[Tensor],
@@ -287,8 +285,8 @@ def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Seque
         outs = FusedSequence.apply(spec, x, slope, noise, *flat)
     else:  # inference: nothing saved, COPY rows cost nothing
         h0, c0, z0, params = _split(spec, flat)
-        hs, cs, zs, _, _ = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=False)
-        outs = _outputs(hs, cs, zs, clone_final=False)
+        inputs, _, _ = _forward_loop(spec, x, slope, noise, h0, c0, z0, params, save=False)
+        outs = _outputs(inputs.hs, inputs.cs, inputs.zs, clone_final=False)
     h, c, z = outs[:L], outs[L:2 * L], outs[2 * L:3 * L - 1]
     hT, cT, zT = outs[3 * L - 1:4 * L - 1], outs[4 * L - 1:5 * L - 1], outs[5 * L - 1:]
     return HMLSTMOutput(tuple(h), tuple(c), tuple(z), HMLSTMState(tuple(hT), tuple(cT), tuple(zT)))
