@@ -7,7 +7,8 @@ The C++ extension `hmlstm._C` (csrc/) is optional. It is built when torch can be
 Environment flags:
     HMLSTM_SKIP_BUILD=1        build no extension at all (pure Python: reference + Triton backends)
     HMLSTM_SKIP_CUDA_BUILD=1   build the CPU part only, even where CUDA is available
-    HMLSTM_FORCE_CUDA_BUILD=1  build the CUDA part even if no GPU is visible (needs nvcc and a CUDA torch)
+    HMLSTM_FORCE_CUDA_BUILD=1  build the CUDA part even if no GPU is visible (needs nvcc and a CUDA torch),
+                               and let a failed CUDA compile stop the install (otherwise: CPU kernels only)
     DEBUG=1                    -O0 -g
     MAX_JOBS=N                 parallel compile jobs (ninja)
 """
@@ -54,12 +55,32 @@ def extensions():
         and CUDA_HOME is not None and (torch.cuda.is_available() or flag("HMLSTM_FORCE_CUDA_BUILD"))
     if with_cuda:
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
-        ext = CUDAExtension("hmlstm._C", cpp + cu, extra_compile_args={"cxx": cxx + ["-DHMLSTM_WITH_CUDA"],
-                                                                      "nvcc": nvcc},
+        ext = CUDAExtension("hmlstm._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("hmlstm._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": with_cpu_fallback(BuildExtension).with_options(use_ninja=True)}
+
+
+def with_cpu_fallback(base):
+    """`base` (torch's BuildExtension), except that a failed compile of the CUDA sources rebuilds the
+    extension without them: the CPU kernels still install, and backend='cuda' then says what happened.
+    HMLSTM_FORCE_CUDA_BUILD=1 makes the failure stop the install instead."""
+
+    class BuildExtWithFallback(base):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # the compiler's own output is above in the log
+                if not any(s.endswith(".cu") for s in ext.sources) or flag("HMLSTM_FORCE_CUDA_BUILD"):
+                    raise
+                print(f"hmlstm: WARNING: the CUDA kernels (csrc/*.cu) failed to build ({e}); installing the "
+                      "CPU kernels only. Fix the error above and reinstall, or set HMLSTM_FORCE_CUDA_BUILD=1 "
+                      "to make this failure stop the install.")
+                ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                super().build_extension(ext)
+
+    return BuildExtWithFallback
 
 
 ext_modules, cmdclass = extensions()

@@ -17,10 +17,13 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 case "$stage" in
   build-test)
     nvidia-smi | tee "$out/nvidia-smi.txt"
-    pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
+    # -v: the compiler's output, and setup.py's warning if the CUDA kernels failed (then CPU kernels only)
+    pip install -v --no-build-isolation --no-deps -e . > "$out/build-full.log" 2>&1
+    { tail -5 "$out/build-full.log"; grep -n "hmlstm: WARNING\|error" "$out/build-full.log" | head -40; } \
+      | tee "$out/build.log"
     python -c "import hmlstm; print('backends on cuda:', hmlstm.available_backends('cuda'))" | tee -a "$out/build.log"
     # The model, reference, op and benchmark tests; the CLI tests need jsonargparse, absent on the image.
-    python -m pytest -q -rs tests/test_ops_triton.py tests/test_cpp.py tests/test_model.py \
+    python -m pytest -q -rs tests/test_cuda.py tests/test_ops_triton.py tests/test_cpp.py tests/test_model.py \
       tests/test_reference.py tests/test_install.py 2>&1 | tee "$out/tests.log"
     ;;
   bench-core)

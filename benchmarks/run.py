@@ -3,6 +3,7 @@
     python benchmarks/run.py --suites ptb copy --out benchmarks/results/cpu.json           # CPU
     python benchmarks/run.py --device cuda --dtypes float32 bfloat16 --out gpu.json       # GPU, all suites
     python benchmarks/report.py benchmarks/results/cpu.json                              # tables + plots
+    python benchmarks/run.py --suites trained --trained-ckpt last.ckpt --ptb-dir data/ptb --out trained.json
 
 One record per (suite, size, provider, mode, dtype): median seconds, characters per second (B * T / median),
 peak memory (GPU only) and the speedup against `nn.LSTM` measured in the same run on the same input. A
@@ -47,11 +48,16 @@ class Size:
     H: int
     L: int = 3
     rate: Optional[float] = None  # forced upper-layer update rate (copy suite), None: natural weights
+    ckpt: Optional[str] = None  # trained suite: a PTB language model's checkpoint, run on PTB validation text
 
 
-def suites(device: str) -> dict[str, list[Size]]:
-    """The paper's PTB and text8 sizes, the sweeps of issue 5, and the COPY-skipping sweep."""
+def suites(device: str, ckpt: Optional[str] = None) -> dict[str, list[Size]]:
+    """The paper's PTB and text8 sizes, the sweeps of issue 5, the COPY-skipping sweep and, given a
+    checkpoint, the trained model's own boundaries (its layer sizes; batch 64, 100 steps)."""
+    trained = [] if ckpt is None else [Size(64, 100, trained_lm(ckpt).net.rnn.hidden_sizes[0],
+                                            len(trained_lm(ckpt).net.rnn.hidden_sizes), ckpt=ckpt)]
     return {
+        "trained": trained,
         "ptb": [Size(64, 100, 512)],
         "text8": [Size(128, 100, 1024)],
         "batch": [Size(b, 100, 512) for b in (1, 16, 64, 256)],
@@ -129,25 +135,69 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+# -- the trained suite: a checkpoint's HM-LSTM on real text ---------------------------------------------
+
+_LOADED: dict = {}
+PTB_DIR = {"path": None}  # set by --ptb-dir
+
+
+def trained_lm(ckpt: str):
+    """The HMLSTMLanguageModel of a `hmlstm fit` checkpoint (cached; CPU)."""
+    if ckpt not in _LOADED:
+        from hmlstm.training import HMLSTMLanguageModel
+
+        _LOADED[ckpt] = HMLSTMLanguageModel.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    return _LOADED[ckpt]
+
+
+@torch.no_grad()
+def trained_input(size: Size) -> torch.Tensor:
+    """(B, T, E) the trained embedding of PTB validation text: B streams that start evenly spaced through
+    the text (as the training loader's), each at an offset of 10 * T characters so that no row starts at
+    the stream's beginning. The same tensor for every provider."""
+    from hmlstm.data import PTBDataModule
+
+    if PTB_DIR["path"] is None:
+        raise ValueError("the trained suite needs --ptb-dir (the folder of ptb.char.valid.txt)")
+    lm = trained_lm(size.ckpt)
+    text = PTBDataModule(data_dir=PTB_DIR["path"], download=False).load_splits()["val"]
+    ids = lm.vocab.encode(text)
+    stride = ids.numel() // size.B
+    if stride < 11 * size.T:
+        raise ValueError(f"the validation text ({ids.numel()} characters) is too short for B={size.B}, T={size.T}")
+    rows = torch.stack([ids[k * stride + 10 * size.T: k * stride + 11 * size.T] for k in range(size.B)])
+    return lm.net.embed(rows).float()
+
+
 # -- providers: build (model, input) and a step function ---------------------------------------------
 
 
 def build(provider: str, size: Size, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Returns (forward_fn, params) where forward_fn(x) -> top-layer output (B, T, H)."""
     torch.manual_seed(seed)
-    if provider.startswith("hmlstm-"):
+    if size.ckpt is not None:
+        x = trained_input(size).to(device=device, dtype=dtype)
+        if provider.startswith("hmlstm-"):
+            rnn = trained_lm(size.ckpt).net.rnn
+            model = HMLSTM(rnn.input_size, rnn.hidden_sizes, boundary=rnn.boundary, copy_boundary=rnn.copy_boundary,
+                           layer_norm=rnn.layer_norm, backend=provider.split("-", 1)[1])
+            model.load_state_dict(rnn.state_dict())
+            model = model.to(device=device, dtype=dtype)
+            return (lambda inp: model(inp).h[-1]), model, x
+    elif provider.startswith("hmlstm-"):
         model = HMLSTM(INPUT, (size.H,) * size.L, backend=provider.split("-", 1)[1])
         x = torch.randn(size.B, size.T, INPUT)
         if size.rate is not None:
             x = force_boundaries(model, x, size.rate, seed)
         model = model.to(device=device, dtype=dtype)
         return (lambda inp: model(inp).h[-1]), model, x.to(device=device, dtype=dtype)
-    x = torch.randn(size.B, size.T, INPUT, device=device, dtype=dtype)
+    if size.ckpt is None:
+        x = torch.randn(size.B, size.T, INPUT, device=device, dtype=dtype)
     if provider == "lstm":
-        lstm = nn.LSTM(INPUT, size.H, num_layers=size.L, batch_first=True).to(device=device, dtype=dtype)
+        lstm = nn.LSTM(x.shape[-1], size.H, num_layers=size.L, batch_first=True).to(device=device, dtype=dtype)
         return (lambda inp: lstm(inp)[0]), lstm, x
     if provider == "lstm-fp16-layers":
-        layers = nn.ModuleList(nn.LSTM(INPUT if k == 0 else size.H, size.H, batch_first=True)
+        layers = nn.ModuleList(nn.LSTM(x.shape[-1] if k == 0 else size.H, size.H, batch_first=True)
                                for k in range(size.L)).to(device=device, dtype=torch.float16)
 
         def fw(inp):
@@ -207,7 +257,7 @@ def measure(suite: str, provider: str, mode: str, size: Size, dtype: torch.dtype
     rec = Record(suite, provider, mode, str(dtype).split(".")[-1], size.B, size.T, size.H, size.L, size.rate)
     try:
         fw, module, x = build(provider, size, dtype, device)
-        if size.rate is not None and provider.startswith("hmlstm-"):
+        if (size.rate is not None or size.ckpt is not None) and provider.startswith("hmlstm-"):
             with torch.no_grad():
                 out = module(x)
             rec.work = work_fractions(module, out)
@@ -249,6 +299,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--skip", nargs="*", default=[],
                    help="provider:suite pairs to leave out, e.g. hmlstm-reference:text8 (too slow)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--trained-ckpt", default=None,
+                   help="a PTB checkpoint of `hmlstm fit --config ptb.yaml`: enables the trained suite")
+    p.add_argument("--ptb-dir", default=None, help="folder of ptb.char.valid.txt (the trained suite's text)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
 
@@ -257,11 +310,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     providers = args.providers or ([f"hmlstm-{b}" for b in hmlstm.available_backends(device)] + ["lstm"]
                                    + (["lstm-fp16-layers"] if device.type == "cuda" else []))
-    table = suites(args.device)
+    PTB_DIR["path"] = args.ptb_dir
+    if "trained" in args.suites and args.trained_ckpt is None:
+        raise SystemExit("--suites trained needs --trained-ckpt (and --ptb-dir)")
+    table = suites(args.device, args.trained_ckpt)
     unknown = [s for s in args.suites if s not in table]
     if unknown:
         raise SystemExit(f"--suites: unknown {unknown}; choose from {sorted(table)}")
     result = {"header": header(device), "records": []}
+    if args.trained_ckpt is not None:
+        ck = torch.load(args.trained_ckpt, map_location="cpu", weights_only=False)
+        result["header"]["trained_ckpt"] = {"path": args.trained_ckpt, "epoch": ck.get("epoch"),
+                                            "global_step": ck.get("global_step")}
     records: list[Record] = []
     todo = [(s, size, prov, mode, dt) for s in args.suites for size in table[s] for dt in args.dtypes
             for mode in args.modes for prov in providers

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from hmlstm import HMLSTM, HMLSTMState
+from hmlstm import HMLSTM, HMLSTMState, LayerParams
 
 PATTERNS = ("random", "all_copy", "all_flush", "alternating")
 
@@ -162,3 +162,48 @@ def assert_matches_reference(backend: str, case: Case, tol: Optional[float] = No
     assert ref.keys() == got.keys()
     bad = {k: rel_err(got[k], ref[k]) for k in ref if rel_err(got[k], ref[k]) > tol}
     assert not bad, f"{backend} differs from the reference on {case.id}: {bad}"
+
+
+def assert_bf16_within_2x(backend: str, case: Case) -> None:
+    """bf16 inputs on `backend` (fp32 accumulation inside): every output's and gradient's error against
+    the fp32 reference at most 2x that of the same computation in bf16 PyTorch (+1e-3 absolute slack for
+    quantities whose bf16 PyTorch error is ~0)."""
+    ref = run_case(case, "reference")
+    ref_bf16 = run_case(case, "reference", dtype=torch.bfloat16)
+    got = run_case(case, backend, dtype=torch.bfloat16)
+    bad = {}
+    for k in ref:
+        e_ref, e_got = rel_err(ref_bf16[k], ref[k]), rel_err(got[k], ref[k])
+        if e_got > 2 * e_ref + 1e-3:
+            bad[k] = (e_got, e_ref)
+    assert not bad, f"bf16 errors ({backend}, torch) beyond 2x on {case.id}: {bad}"
+
+
+def random_step(seed: int, has_boundary: bool = True, layer_norm: bool = False, B: int = 6, I: int = 5, H: int = 7,
+                Ha: int = 4, dtype: torch.dtype = torch.float64, device: str = "cpu") -> dict:
+    """Inputs of one layer-step (`naive_cell_step`'s arguments by name) whose batch holds every
+    combination of (z_{t-1}, z_below): FLUSH, UPDATE and COPY rows."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype).to(device)  # noqa: E731
+    Ha = Ha if has_boundary else 0
+    G = 4 * H + int(has_boundary)
+    p = LayerParams(r(G, I), r(G, H), r(G, Ha), r(G))
+    if layer_norm:
+        p = p._replace(ln_gates=1 + 0.1 * r(4 * H), ln_cell_w=1 + 0.1 * r(H), ln_cell_b=0.1 * r(H))
+    z = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=dtype)[:B] if has_boundary else torch.zeros(B, dtype=dtype)
+    zu = torch.tensor([1.0, 1, 0, 0, 0, 1], dtype=dtype)[:B]
+    return dict(x=r(B, I), z_below=zu.to(device), h=r(B, H), c=r(B, H), z=z.to(device), h_above=r(B, Ha), p=p,
+                slope=torch.tensor(1.3, dtype=dtype, device=device), noise=None)
+
+
+def op_args(dtype: torch.dtype, has_boundary: bool, layer_norm: bool, mode: int, recompute: bool,
+            requires_grad: bool, device: str = "cpu") -> list:
+    """The arguments of `hmlstm::cell_fwd` for one random step (see `random_step`); the trailing ones are
+    boundary_mode, recompute, save, dense_copy, packed ([]) and poison (False)."""
+    d = random_step(11, has_boundary=has_boundary, layer_norm=layer_norm, dtype=dtype, device=device)
+    p = d["p"]
+    noise = torch.rand(6, dtype=dtype).to(device) if mode == 1 else None
+    args = [d["x"], d["z_below"], d["h"], d["c"], d["z"], d["h_above"], *p, d["slope"], noise]
+    if requires_grad:
+        args = [a.requires_grad_(True) if (a is not None and k not in (13, 14)) else a for k, a in enumerate(args)]
+    return args + [mode, recompute, requires_grad, requires_grad, [], False]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +53,33 @@ def test_run_and_report_end_to_end(tmp_path):
     assert "hmlstm-reference" in md and "failed" in md
     png = (tmp_path / "smoke-copy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+PTB = ROOT.parent / "shared" / "data" / "ptb"
+
+
+@pytest.mark.skipif(not (PTB / "ptb.char.valid.txt").exists(), reason=f"PTB data not found at {PTB}")
+def test_trained_suite_runs_the_checkpoints_model_on_validation_text():
+    """The trained suite: the checkpoint's HM-LSTM (its own weights, LN, boundaries) and nn.LSTM of its
+    sizes on the same embedded PTB validation text; the HM-LSTM records its work fractions."""
+    import run
+    from hmlstm.data import PTBDataModule
+    from hmlstm.training import HMLSTMLanguageModel
+
+    text = PTBDataModule(data_dir=str(PTB), download=False).load_splits()["val"]
+    lm = HMLSTMLanguageModel(hidden_sizes=(16, 12), embed_size=8, output_size=8, layer_norm=True,
+                             backend="reference", vocab="".join(sorted(set(text)))).eval()
+    run._LOADED["in-memory.ckpt"] = lm  # trained_lm's cache: no checkpoint file needed
+    run.PTB_DIR["path"] = str(PTB)
+    (size,) = run.suites("cpu", "in-memory.ckpt")["trained"]
+    assert (size.H, size.L, size.B, size.T) == (16, 2, 64, 100)
+    x = run.trained_input(size)
+    assert x.shape == (64, 100, 8)
+    fw, model, x_model = run.build("hmlstm-reference", size, torch.float32, torch.device("cpu"))
+    assert torch.equal(x_model, x) and model.layer_norm
+    assert torch.equal(fw(x), lm.net.rnn(x).h[-1])  # the checkpoint's own network
+    recs = [run.measure("trained", p, "fw", size, torch.float32, torch.device("cpu"), 0.01)
+            for p in ("hmlstm-reference", "lstm")]
+    assert all(r.error is None and r.median_s > 0 for r in recs), [r.error for r in recs]
+    work = recs[0].work
+    assert len(work["running"]) == 2 and work["running"][0] == 1.0 and 0 <= work["running"][1] <= 1

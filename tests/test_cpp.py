@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from harness import make_case, assert_matches_reference, rel_err, run_case
+from harness import assert_matches_reference, make_case, op_args as _op_args, random_step as _random_step, \
+    rel_err, run_case
 from hmlstm import HMLSTM, CellConfig, LayerParams, backends, naive_cell_step
 from hmlstm.sequence import stepwise_forward
 
@@ -149,21 +150,6 @@ def test_compiled_model_with_gradients_matches_eager():
 
 # -- one layer-step with only some inputs requiring grad (the paths that skip gradient work) ------------
 
-def _random_step(seed, has_boundary=True, layer_norm=False, B=6, I=5, H=7, Ha=4, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    Ha = Ha if has_boundary else 0
-    G = 4 * H + int(has_boundary)
-    p = LayerParams(r(G, I), r(G, H), r(G, Ha), r(G))
-    if layer_norm:
-        p = p._replace(ln_gates=1 + 0.1 * r(4 * H), ln_cell_w=1 + 0.1 * r(H), ln_cell_b=0.1 * r(H))
-    # every combination of (z_{t-1}, z_below) in the batch: FLUSH, UPDATE, COPY
-    z = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=dtype)[:B] if has_boundary else torch.zeros(B, dtype=dtype)
-    zu = torch.tensor([1.0, 1, 0, 0, 0, 1], dtype=dtype)[:B]
-    return dict(x=r(B, I), z_below=zu, h=r(B, H), c=r(B, H), z=z, h_above=r(B, Ha), p=p,
-                slope=torch.tensor(1.3, dtype=dtype), noise=None)
-
-
 def _grads_of(step, inputs, names, cfg, seed=1):
     inputs = {k: v for k, v in inputs.items()}
     leaves = {}
@@ -231,16 +217,6 @@ def test_all_copy_layer_passes_state_through_exactly():
 
 
 # -- op registration ------------------------------------------------------------------------------
-
-def _op_args(dtype, has_boundary, layer_norm, mode, recompute, requires_grad):
-    d = _random_step(11, has_boundary=has_boundary, layer_norm=layer_norm, dtype=dtype)
-    p = d["p"]
-    noise = torch.rand(6, dtype=dtype) if mode == 1 else None
-    args = [d["x"], d["z_below"], d["h"], d["c"], d["z"], d["h_above"], *p, d["slope"], noise]
-    if requires_grad:
-        args = [a.requires_grad_(True) if (a is not None and k not in (13, 14)) else a for k, a in enumerate(args)]
-    return args + [mode, recompute, requires_grad, requires_grad, [], False]
-
 
 OPCHECK = [pytest.param(dt, hb, ln, mode, rc, id=f"{str(dt)[6:]}-{'z' if hb else 'top'}-{'ln' if ln else 'noln'}"
                         f"-mode{mode}-{'recompute' if rc else 'hold'}")

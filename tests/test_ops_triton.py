@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from harness import assert_matches_reference, case_id, make_case, rel_err, run_case
+from harness import assert_bf16_within_2x, assert_matches_reference, case_id, make_case, rel_err
 from hmlstm import HMLSTM
 from hmlstm.backends import unavailable_reason
 
@@ -105,19 +105,7 @@ def test_bf16_close_to_fp32():
     """bf16 inputs (fp32 accumulation inside): error vs an fp32 reference within 2x that of bf16 PyTorch."""
     case = make_case(3, 3, (16, 20, 12), pattern="alternating", layer_norm=True, dtype=torch.float32,
                      device=DEVICE)
-    _check_bf16(case)
-
-
-def _check_bf16(case):
-    ref = run_case(case, "reference")
-    ref_bf16 = run_case(case, "reference", dtype=torch.bfloat16)
-    got = run_case(case, "triton", dtype=torch.bfloat16)
-    bad = {}
-    for k in ref:
-        e_ref, e_got = rel_err(ref_bf16[k], ref[k]), rel_err(got[k], ref[k])
-        if e_got > 2 * e_ref + 1e-3:
-            bad[k] = (e_got, e_ref)
-    assert not bad, f"bf16 errors (triton, torch) beyond 2x on {case.id}: {bad}"
+    assert_bf16_within_2x("triton", case)
 
 
 # -- the ops themselves ---------------------------------------------------------------------------------------
@@ -195,7 +183,7 @@ def test_gpu_matches_reference(case):
                           (3, 7, (40, 24), "all_flush"), (64, 7, (64, 33, 20), "random")]
 ] if torch.cuda.is_available() else []) or [None])
 def test_gpu_bf16(case):
-    _check_bf16(case)
+    assert_bf16_within_2x("triton", case)
 
 
 @pytest.mark.gpu

@@ -142,6 +142,23 @@ def fused_cell_step(
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='cpp' is not available: {reason}")
+    return cell_step_op(x, z_below, h, c, z, h_above, p, slope, noise, cfg)
+
+
+def cell_step_op(
+    x: Tensor,
+    z_below: Tensor,
+    h: Tensor,
+    c: Tensor,
+    z: Tensor,
+    h_above: Tensor,
+    p: LayerParams,
+    slope: Tensor,
+    noise: Optional[Tensor],
+    cfg: CellConfig,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """`fused_cell_step` on whichever device the tensors are (the op dispatches on it), without the
+    backend check: the CPU and CUDA backends (`hmlstm.ops.cuda`) both call it. Shapes as `fused_cell_step`."""
     if cfg.boundary not in _MODES:
         raise ValueError(f"cfg.boundary must be one of {tuple(_MODES)}, got {cfg.boundary!r}")
     if cfg.copy_boundary not in ("hold", "recompute"):
