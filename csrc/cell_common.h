@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -170,6 +172,92 @@ struct Inputs {
     L.zb = zb.data_ptr<T>(), L.ha = ha.data_ptr<T>(), L.U = U.data_ptr<T>(), L.b = b.data_ptr<T>();
     L.lng = opt_ptr<T>(lng), L.lcw = opt_ptr<T>(lcw), L.lcb = opt_ptr<T>(lcb), L.noise = opt_ptr<T>(noise);
     return L;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// cell_bwd's host side that does not depend on the device
+
+enum Grad { kX, kZBelow, kH, kC, kZ, kHAbove, kW, kU, kV, kB, kLnGates, kLnCellW, kLnCellB, kNumGrads };
+
+// The upstream gradients (checked, contiguous) and the outputs of one cell_bwd call.
+struct BwdIO {
+  at::Tensor pre, gh, gc, gz;
+  at::Tensor dh, dc, dzb, dzu, ds_copy;  // (B, H), (B, H), (B,) x 3; dzb, dzu only with z gradients
+  at::Tensor ds, da, dgain, dlcw, dlcb;  // per active row: (nA, G), with LN (nA, 4H) x 2, (nA, H) x 2
+  at::Tensor ds_full;                    // (B, G) when return_ds
+  std::vector<at::Tensor> out = std::vector<at::Tensor>(kNumGrads);
+
+  BwdIO(const Inputs& in, const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z,
+        const at::Tensor& pre_, bool zgrad, bool poison) {
+    const int64_t B = in.B;
+    TORCH_CHECK(pre_.dim() == 2 && pre_.size(0) == B && pre_.size(1) == in.G,
+                "hmlstm::cell_bwd: pre must be the (B, G) tensor saved by cell_fwd(save=True), got ", pre_.sizes());
+    pre = checked(pre_, "pre", 2, in.x).contiguous();
+    gh = checked(grad_h, "grad_h", 2, in.x).contiguous();
+    gc = checked(grad_c, "grad_c", 2, in.x).contiguous();
+    gz = checked(grad_z, "grad_z", 1, in.x).contiguous();
+    TORCH_CHECK(!in.has_z || gz.size(0) == B, "hmlstm::cell_bwd: grad_z must have shape (B,)");
+    TORCH_CHECK(gh.sizes() == in.h.sizes() && gc.sizes() == in.h.sizes(), "hmlstm::cell_bwd: grad_h ",
+                gh.sizes(), " and grad_c ", gc.sizes(), " must have h's shape ", in.h.sizes());
+    const auto opts = in.x.options();
+    dh = new_output({B, in.H}, opts, poison);
+    dc = new_output({B, in.H}, opts, poison);
+    if (zgrad) {
+      dzb = new_output({B}, opts, poison);
+      dzu = new_output({B}, opts, poison);
+    }
+    ds_copy = at::zeros({B}, opts);
+  }
+
+  void alloc_active(const Inputs& in, int64_t nA, bool poison) {
+    const auto opts = in.x.options();
+    ds = new_output({nA, in.G}, opts, poison);
+    if (in.lng.has_value()) {
+      da = new_output({nA, 4 * in.H}, opts, poison);
+      dgain = new_output({nA, 4 * in.H}, opts, poison);
+      dlcw = new_output({nA, in.H}, opts, poison);
+      dlcb = new_output({nA, in.H}, opts, poison);
+    }
+  }
+
+  // The gradients of U, b and the LN parameters: sums over the active rows. h_active: h's active rows
+  // (read only for dU).
+  void param_grads(const Inputs& in, const std::array<bool, 13>& mask, bool recompute,
+                   const std::function<at::Tensor()>& h_active) {
+    const int64_t nA = ds.size(0), H = in.H, H4 = 4 * in.H;
+    const auto opts = in.x.options();
+    const bool ln = in.lng.has_value();
+    if (mask[kU]) {
+      out[kU] = nA > 0 ? at::mm(ds.t(), h_active()) : at::zeros_like(in.U);
+      if (in.has_z && recompute) out[kU][H4].add_(at::mv(in.h.t(), ds_copy));
+    }
+    if (mask[kB]) {
+      at::Tensor db = nA > 0 ? ds.sum(0) : at::zeros({in.G}, opts);
+      if (ln && nA > 0) db.narrow(0, 0, H4).copy_(da.sum(0));
+      if (in.has_z && recompute) db[H4].add_(ds_copy.sum());
+      out[kB] = db;
+    }
+    if (ln) {
+      if (mask[kLnGates]) out[kLnGates] = nA > 0 ? dgain.sum(0) : at::zeros({H4}, opts);
+      if (mask[kLnCellW]) out[kLnCellW] = nA > 0 ? dlcw.sum(0) : at::zeros({H}, opts);
+      if (mask[kLnCellB]) out[kLnCellB] = nA > 0 ? dlcb.sum(0) : at::zeros({H}, opts);
+    }
+  }
+
+  // The 15 outputs of the schema: 13 gradients ((0,) where not asked for), ds and ds_copy.
+  std::vector<at::Tensor> finish(const Inputs& in, const std::array<bool, 13>& mask, bool return_ds) {
+    const auto opts = in.x.options();
+    out[kH] = dh;
+    out[kC] = dc;
+    out[kZ] = dzb;
+    out[kZBelow] = dzu;
+    for (int k = 0; k < kNumGrads; ++k) {
+      if (!mask[k] || !out[k].defined()) out[k] = at::empty({0}, opts);
+    }
+    out.push_back(return_ds ? ds_full : at::empty({0}, opts));
+    out.push_back(return_ds ? ds_copy : at::empty({0}, opts));
+    return out;
   }
 };
 

@@ -320,8 +320,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
 // ---------------------------------------------------------------------------------------------------
 // Backward
 
-enum Grad { kX, kZBelow, kH, kC, kZ, kHAbove, kW, kU, kV, kB, kLnGates, kLnCellW, kLnCellB, kNumGrads };
-
 template <typename T>
 struct BwdBuffers {
   const T *pre, *gh, *gc, *gz;
@@ -525,26 +523,9 @@ std::vector<at::Tensor> cell_bwd_cpu(
     std::array<bool, 13> mask, bool return_ds, const std::vector<std::optional<at::Tensor>>& packed, bool poison) {
   const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
   const auto opts = in.x.options();
-  const int64_t B = in.B, H = in.H, G = in.G, H4 = 4 * H;
-  const bool ln = in.lng.has_value();
+  const int64_t B = in.B, G = in.G;
   const bool zgrad = mask[kZ] || mask[kZBelow];
-  TORCH_CHECK(pre_.dim() == 2 && pre_.size(0) == B && pre_.size(1) == G,
-              "hmlstm::cell_bwd: pre must be the (B, G) tensor saved by cell_fwd(save=True), got ", pre_.sizes());
-  const at::Tensor pre = pre_.contiguous();
-  const at::Tensor gh = checked(grad_h, "grad_h", 2, x).contiguous();
-  const at::Tensor gc = checked(grad_c, "grad_c", 2, x).contiguous();
-  const at::Tensor gz = checked(grad_z, "grad_z", 1, x).contiguous();
-  TORCH_CHECK(!in.has_z || gz.size(0) == B, "hmlstm::cell_bwd: grad_z must have shape (B,)");
-  TORCH_CHECK(gh.sizes() == in.h.sizes() && gc.sizes() == in.h.sizes(), "hmlstm::cell_bwd: grad_h ", gh.sizes(),
-              " and grad_c ", gc.sizes(), " must have h's shape ", in.h.sizes());
-
-  std::vector<at::Tensor> out(kNumGrads);
-  at::Tensor ds_full;
-  at::Tensor dh = new_output({B, H}, opts, poison);
-  at::Tensor dc = new_output({B, H}, opts, poison);
-  at::Tensor dzb = zgrad ? new_output({B}, opts, poison) : at::Tensor();
-  at::Tensor dzu = zgrad ? new_output({B}, opts, poison) : at::Tensor();
-  at::Tensor ds_copy = at::zeros({B}, opts);
+  BwdIO io(in, grad_h, grad_c, grad_z, pre_, zgrad, poison);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_bwd_cpu", [&] {
     using T = scalar_t;
     const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
@@ -552,25 +533,20 @@ std::vector<at::Tensor> cell_bwd_cpu(
     TORCH_CHECK(!zgrad || dense_copy || static_cast<int64_t>(rs.active.size()) == B,
                 "hmlstm::cell_bwd: gradients for z or z_below need cell_fwd(dense_copy=True)");
     const int64_t nA = static_cast<int64_t>(rs.active.size());
-    at::Tensor ds = new_output({nA, G}, opts, poison);
-    at::Tensor da, dgain, dlcw, dlcb;
-    if (ln) {
-      da = new_output({nA, H4}, opts, poison);
-      dgain = new_output({nA, H4}, opts, poison);
-      dlcw = new_output({nA, H}, opts, poison);
-      dlcb = new_output({nA, H}, opts, poison);
-    }
+    io.alloc_active(in, nA, poison);
+    const at::Tensor& ds = io.ds;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    BwdBuffers<T> bufs{pre.data_ptr<T>(), gh.data_ptr<T>(), gc.data_ptr<T>(), in.has_z ? gz.data_ptr<T>() : nullptr,
-                       ptr(ds), dh.data_ptr<T>(), dc.data_ptr<T>(), ptr(dzb), ptr(dzu), ds_copy.data_ptr<T>(),
-                       ptr(da), ptr(dgain), ptr(dlcw), ptr(dlcb)};
+    BwdBuffers<T> bufs{io.pre.data_ptr<T>(), io.gh.data_ptr<T>(), io.gc.data_ptr<T>(),
+                       in.has_z ? io.gz.data_ptr<T>() : nullptr, ptr(ds), io.dh.data_ptr<T>(), io.dc.data_ptr<T>(),
+                       ptr(io.dzb), ptr(io.dzu), io.ds_copy.data_ptr<T>(), ptr(io.da), ptr(io.dgain), ptr(io.dlcw),
+                       ptr(io.dlcb)};
     backward_rows<T>(L, rs, zgrad, bufs);
     if (return_ds) {
       if (nA == B) {  // every row active: `ds` is already in row order
-        ds_full = ds;
+        io.ds_full = ds;
       } else {
-        ds_full = at::zeros({B, G}, opts);
-        if (nA > 0) scatter_rows<T>(ds_full, ds, rs.active, false);
+        io.ds_full = at::zeros({B, G}, opts);
+        if (nA > 0) scatter_rows<T>(io.ds_full, ds, rs.active, false);
       }
     }
 
@@ -578,41 +554,18 @@ std::vector<at::Tensor> cell_bwd_cpu(
     if (nA > 0 && mask[kH]) {
       const auto packed_u = packed_at(packed, 1);
       if (nA == B && !packed_u.has_value()) {
-        dh.addmm_(ds, in.U);
+        io.dh.addmm_(ds, in.U);
       } else {
-        scatter_rows<T>(dh, rows_matmul(ds, in.U.t(), packed_u), rs.active, true);
+        scatter_rows<T>(io.dh, rows_matmul(ds, in.U.t(), packed_u), rs.active, true);
       }
     }
-    if (mask[kU]) {
-      out[kU] = nA > 0 ? at::mm(ds.t(), take_rows(in.h, rs.active)) : at::zeros_like(in.U);
-      if (in.has_z && recompute) out[kU][H4].add_(at::mv(in.h.t(), ds_copy));
-    }
-    if (mask[kB]) {
-      at::Tensor db = nA > 0 ? ds.sum(0) : at::zeros({G}, opts);
-      if (ln && nA > 0) db.narrow(0, 0, H4).copy_(da.sum(0));
-      if (in.has_z && recompute) db[H4].add_(ds_copy.sum());
-      out[kB] = db;
-    }
-    if (ln) {
-      if (mask[kLnGates]) out[kLnGates] = nA > 0 ? dgain.sum(0) : at::zeros({H4}, opts);
-      if (mask[kLnCellW]) out[kLnCellW] = nA > 0 ? dlcw.sum(0) : at::zeros({H}, opts);
-      if (mask[kLnCellB]) out[kLnCellB] = nA > 0 ? dlcb.sum(0) : at::zeros({H}, opts);
-    }
-    gated_term_backward<T>(ds, rs, rs.td, in.zb, in.ha, in.V, packed_at(packed, 2), mask[kHAbove], mask[kZ], mask[kV], out[kHAbove],
-                        dzb, out[kV]);
-    gated_term_backward<T>(ds, rs, rs.bu, in.zu, in.x, in.W, packed_at(packed, 0), mask[kX], mask[kZBelow], mask[kW], out[kX], dzu,
-                        out[kW]);
+    io.param_grads(in, mask, recompute, [&] { return take_rows(in.h, rs.active); });
+    gated_term_backward<T>(ds, rs, rs.td, in.zb, in.ha, in.V, packed_at(packed, 2), mask[kHAbove], mask[kZ],
+                           mask[kV], io.out[kHAbove], io.dzb, io.out[kV]);
+    gated_term_backward<T>(ds, rs, rs.bu, in.zu, in.x, in.W, packed_at(packed, 0), mask[kX], mask[kZBelow],
+                           mask[kW], io.out[kX], io.dzu, io.out[kW]);
   });
-  out[kH] = dh;
-  out[kC] = dc;
-  out[kZ] = dzb;
-  out[kZBelow] = dzu;
-  for (int k = 0; k < kNumGrads; ++k) {
-    if (!mask[k] || !out[k].defined()) out[k] = at::empty({0}, opts);
-  }
-  out.push_back(return_ds ? ds_full : at::empty({0}, opts));
-  out.push_back(return_ds ? ds_copy : at::empty({0}, opts));
-  return out;
+  return io.finish(in, mask, return_ds);
 }
 
 }  // namespace

@@ -135,6 +135,24 @@ __device__ void gates_from_pre(const Cell<T>& L, const T* s, T* gate, T& mean, T
   __syncthreads();
 }
 
+// The branches' cells, cf = i g (FLUSH) and cu = f c + i g (UPDATE), and their activations (for those asked
+// for). gate: f, i, o, g (4H) after gates_from_pre's barrier; xf, xu may be one buffer when only af, au are
+// read afterwards (the forward).
+template <typename T>
+__device__ void cell_branches(const Cell<T>& L, const T* gate, const T* cr, bool doF, bool doU, T* cf, T* af, T* xf,
+                              T& rf, T* cu, T* au, T* xu, T& ru, double* shm) {
+  const int64_t H = L.H;
+  const T *f = gate, *i = gate + H, *g = gate + 3 * H;
+  if (doF) {
+    ROW_LOOP(j, H) cf[j] = i[j] * g[j];
+    cell_act(L, cf, af, xf, rf, shm);
+  }
+  if (doU) {
+    ROW_LOOP(j, H) cu[j] = f[j] * cr[j] + i[j] * g[j];
+    cell_act(L, cu, au, xu, ru, shm);
+  }
+}
+
 // z_copy under `recompute`: the boundary unit from U h + b alone (every thread gets it).
 template <typename T>
 __device__ T recompute_pre(const Cell<T>& L, int64_t r, const T* pu, double* shm) {
@@ -197,18 +215,11 @@ __global__ void __launch_bounds__(kThreads) forward_rows_kernel(const Cell<T> L,
   }
   T mean = 0, rstd = 0;
   gates_from_pre(L, s, gate, mean, rstd, shm);
-  const T *f = gate, *i = f + H, *og = f + 2 * H, *g = f + 3 * H;
+  const T* og = gate + 2 * H;
   // Which branches of c = zb cf + (1 - zb)(zu cu + (1 - zu) c) have a non-zero weight.
   const bool flush = zb != T(0), update = zb != T(1) && zu != T(0), keep = zb != T(1) && zu != T(1);
   T rf = 0, ru = 0;
-  if (flush) {
-    ROW_LOOP(j, H) cf[j] = i[j] * g[j];
-    cell_act(L, cf, af, xh, rf, shm);
-  }
-  if (update) {
-    ROW_LOOP(j, H) cu[j] = f[j] * cr[j] + i[j] * g[j];
-    cell_act(L, cu, au, xh, ru, shm);
-  }
+  cell_branches(L, gate, cr, flush, update, cf, af, xh, rf, cu, au, xh, ru, shm);
   ROW_LOOP(j, H) {  // af, au, cf, cu at j were written by this thread
     T cn = flush ? zb * cf[j] : T(0), hn = flush ? zb * (og[j] * af[j]) : T(0);
     if (zb != T(1)) {
@@ -312,8 +323,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cuda(
 // ---------------------------------------------------------------------------------------------------
 // Backward
 
-enum Grad { kX, kZBelow, kH, kC, kZ, kHAbove, kW, kU, kV, kB, kLnGates, kLnCellW, kLnCellB, kNumGrads };
-
 template <typename T>
 struct BwdRows {
   const int64_t* pos;
@@ -369,14 +378,7 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
   const T *f = gate, *i = f + H, *og = f + 2 * H, *g = f + 3 * H;
   const bool doF = wF != T(0) || zgrad, doU = wU != T(0) || zgrad;
   T rf = 0, ru = 0;
-  if (doF) {
-    ROW_LOOP(j, H) cf[j] = i[j] * g[j];
-    cell_act(L, cf, af, xf, rf, shm);
-  }
-  if (doU) {
-    ROW_LOOP(j, H) cu[j] = f[j] * cr[j] + i[j] * g[j];
-    cell_act(L, cu, au, xu, ru, shm);
-  }
+  cell_branches(L, gate, cr, doF, doU, cf, af, xf, rf, cu, au, xu, ru, shm);
   T zhat = 0, s_z = 0;
   if (L.has_z) {
     s_z = s[H4] + L.b[H4];
@@ -486,26 +488,9 @@ std::vector<at::Tensor> cell_bwd_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
   const auto opts = in.x.options();
-  const int64_t B = in.B, H = in.H, G = in.G, H4 = 4 * H;
-  const bool ln = in.lng.has_value();
+  const int64_t B = in.B, G = in.G;
   const bool zgrad = mask[kZ] || mask[kZBelow];
-  TORCH_CHECK(pre_.dim() == 2 && pre_.size(0) == B && pre_.size(1) == G,
-              "hmlstm::cell_bwd: pre must be the (B, G) tensor saved by cell_fwd(save=True), got ", pre_.sizes());
-  const at::Tensor pre = checked(pre_, "pre", 2, x).contiguous();
-  const at::Tensor gh = checked(grad_h, "grad_h", 2, x).contiguous();
-  const at::Tensor gc = checked(grad_c, "grad_c", 2, x).contiguous();
-  const at::Tensor gz = checked(grad_z, "grad_z", 1, x).contiguous();
-  TORCH_CHECK(!in.has_z || gz.size(0) == B, "hmlstm::cell_bwd: grad_z must have shape (B,)");
-  TORCH_CHECK(gh.sizes() == in.h.sizes() && gc.sizes() == in.h.sizes(), "hmlstm::cell_bwd: grad_h ", gh.sizes(),
-              " and grad_c ", gc.sizes(), " must have h's shape ", in.h.sizes());
-
-  std::vector<at::Tensor> out(kNumGrads);
-  at::Tensor ds_full;
-  at::Tensor dh = new_output({B, H}, opts, poison);
-  at::Tensor dc = new_output({B, H}, opts, poison);
-  at::Tensor dzb = zgrad ? new_output({B}, opts, poison) : at::Tensor();
-  at::Tensor dzu = zgrad ? new_output({B}, opts, poison) : at::Tensor();
-  at::Tensor ds_copy = at::zeros({B}, opts);
+  BwdIO io(in, grad_h, grad_c, grad_z, pre_, zgrad, poison);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_bwd_cuda", [&] {
     using T = scalar_t;
     const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
@@ -520,64 +505,35 @@ std::vector<at::Tensor> cell_bwd_cuda(
     for (int64_t r : rs.bu) bu_pos.push_back(rs.pos[r]);
     const auto d = to_device({&rs.pos, &rs.active, &rs.td, &td_pos, &rs.bu, &bu_pos}, in.x.device());
     const at::Tensor &pos_d = d[0], &active_d = d[1];
-    at::Tensor ds = new_output({nA, G}, opts, poison);
-    at::Tensor da, dgain, dlcw, dlcb;
-    if (ln) {
-      da = new_output({nA, H4}, opts, poison);
-      dgain = new_output({nA, H4}, opts, poison);
-      dlcw = new_output({nA, H}, opts, poison);
-      dlcb = new_output({nA, H}, opts, poison);
-    }
-    at::Tensor work = at::empty({B, backward_work(H)}, opts);
+    io.alloc_active(in, nA, poison);
+    const at::Tensor& ds = io.ds;
+    at::Tensor work = at::empty({B, backward_work(in.H)}, opts);
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-    const BwdRows<T> o{pos_d.data_ptr<int64_t>(), pre.data_ptr<T>(), gh.data_ptr<T>(), gc.data_ptr<T>(),
-                       in.has_z ? gz.data_ptr<T>() : nullptr, ptr(ds), dh.data_ptr<T>(), dc.data_ptr<T>(),
-                       ptr(dzb), ptr(dzu), ds_copy.data_ptr<T>(), ptr(da), ptr(dgain), ptr(dlcw), ptr(dlcb),
-                       work.data_ptr<T>()};
+    const BwdRows<T> o{pos_d.data_ptr<int64_t>(), io.pre.data_ptr<T>(), io.gh.data_ptr<T>(), io.gc.data_ptr<T>(),
+                       in.has_z ? io.gz.data_ptr<T>() : nullptr, ptr(ds), io.dh.data_ptr<T>(), io.dc.data_ptr<T>(),
+                       ptr(io.dzb), ptr(io.dzu), io.ds_copy.data_ptr<T>(), ptr(io.da), ptr(io.dgain), ptr(io.dlcw),
+                       ptr(io.dlcb), work.data_ptr<T>()};
     if (B > 0) {
       backward_rows_kernel<T><<<B, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(L, o, zgrad);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (return_ds) ds_full = nA == B ? ds : at::zeros({B, G}, opts).index_copy_(0, active_d, ds);
+    if (return_ds) io.ds_full = nA == B ? ds : at::zeros({B, G}, opts).index_copy_(0, active_d, ds);
 
     // The recurrent term U h, never gated: a GEMM over the active rows.
     if (nA > 0 && mask[kH]) {
       if (nA == B) {
-        dh.addmm_(ds, in.U);
+        io.dh.addmm_(ds, in.U);
       } else {
-        dh.index_add_(0, active_d, at::mm(ds, in.U));
+        io.dh.index_add_(0, active_d, at::mm(ds, in.U));
       }
     }
-    if (mask[kU]) {
-      out[kU] = nA > 0 ? at::mm(ds.t(), in.h.index_select(0, active_d)) : at::zeros_like(in.U);
-      if (in.has_z && recompute) out[kU][H4].add_(at::mv(in.h.t(), ds_copy));
-    }
-    if (mask[kB]) {
-      at::Tensor db = nA > 0 ? ds.sum(0) : at::zeros({G}, opts);
-      if (ln && nA > 0) db.narrow(0, 0, H4).copy_(da.sum(0));
-      if (in.has_z && recompute) db[H4].add_(ds_copy.sum());
-      out[kB] = db;
-    }
-    if (ln) {
-      if (mask[kLnGates]) out[kLnGates] = nA > 0 ? dgain.sum(0) : at::zeros({H4}, opts);
-      if (mask[kLnCellW]) out[kLnCellW] = nA > 0 ? dlcw.sum(0) : at::zeros({H}, opts);
-      if (mask[kLnCellB]) out[kLnCellB] = nA > 0 ? dlcb.sum(0) : at::zeros({H}, opts);
-    }
+    io.param_grads(in, mask, recompute, [&] { return in.h.index_select(0, active_d); });
     gated_term_backward(ds, active_d, d[2], d[3], in.zb, in.ha, in.V, mask[kHAbove], mask[kZ], mask[kV],
-                        out[kHAbove], dzb, out[kV]);
-    gated_term_backward(ds, active_d, d[4], d[5], in.zu, in.x, in.W, mask[kX], mask[kZBelow], mask[kW], out[kX],
-                        dzu, out[kW]);
+                        io.out[kHAbove], io.dzb, io.out[kV]);
+    gated_term_backward(ds, active_d, d[4], d[5], in.zu, in.x, in.W, mask[kX], mask[kZBelow], mask[kW],
+                        io.out[kX], io.dzu, io.out[kW]);
   });
-  out[kH] = dh;
-  out[kC] = dc;
-  out[kZ] = dzb;
-  out[kZBelow] = dzu;
-  for (int k = 0; k < kNumGrads; ++k) {
-    if (!mask[k] || !out[k].defined()) out[k] = at::empty({0}, opts);
-  }
-  out.push_back(return_ds ? ds_full : at::empty({0}, opts));
-  out.push_back(return_ds ? ds_copy : at::empty({0}, opts));
-  return out;
+  return io.finish(in, mask, return_ds);
 }
 
 }  // namespace

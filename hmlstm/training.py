@@ -25,6 +25,7 @@ raise `CheckpointError`.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -118,6 +119,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if problem is not None:
             raise CheckpointError(problem)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def _without_instantiator(path: str | os.PathLike) -> str | os.PathLike | io.BytesIO:
+    """The checkpoint at `path`, minus the `_instantiator` that LightningCLI records in its hyperparameters.
+
+    Why: with it, Lightning rebuilds the module through jsonargparse, which reads the vocabulary string as
+    YAML, where " #" starts a comment: PTB's vocabulary ("\\n #$&'*...") came back as None. The init
+    arguments are plain values, so the module is built from them directly. Returns `path` itself when the
+    checkpoint has no instantiator, else the edited checkpoint in memory.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
+    if not isinstance(hparams, dict) or hparams.pop("_instantiator", None) is None:
+        return path
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    buf.seek(0)
+    return buf
 
 
 class HMLSTMLanguageModel(pl.LightningModule):
@@ -430,6 +449,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
             problem = describe_checkpoint_problem(checkpoint_path)
             if problem is not None:
                 raise CheckpointError(problem)
+            checkpoint_path = _without_instantiator(checkpoint_path)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except (KeyError, RuntimeError) as e:

@@ -180,3 +180,18 @@ def test_text_module_trains(tmp_path):
     model = HMLSTMLanguageModel(**TINY)
     trainer(tmp_path, limit_train_batches=2).fit(model, dm)
     assert Vocabulary(model.hparams.vocab) == dm.vocab
+
+
+def test_checkpoint_written_by_the_cli_keeps_a_vocabulary_with_a_hash(tmp_path):
+    """LightningCLI stores an `_instantiator` in the hyperparameters; Lightning then rebuilds the module through
+    jsonargparse, which read PTB's vocabulary ("\\n #$&...") as YAML with a comment and lost it."""
+    vocab = "\n #$&'ab"
+    model = HMLSTMLanguageModel(**TINY, vocab=vocab)
+    ckpt = {"state_dict": model.state_dict(), "pytorch-lightning_version": pl.__version__,
+            "hyper_parameters": dict(model.hparams) | {"_instantiator": "pytorch_lightning.cli.instantiate_module"}}
+    path = tmp_path / "cli.ckpt"
+    torch.save(ckpt, path)
+    loaded = HMLSTMLanguageModel.load_from_checkpoint(path)
+    assert loaded.vocab.chars == vocab
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -145,18 +145,8 @@ def fused_cell_step(
     return cell_step_op(x, z_below, h, c, z, h_above, p, slope, noise, cfg)
 
 
-def cell_step_op(
-    x: Tensor,
-    z_below: Tensor,
-    h: Tensor,
-    c: Tensor,
-    z: Tensor,
-    h_above: Tensor,
-    p: LayerParams,
-    slope: Tensor,
-    noise: Optional[Tensor],
-    cfg: CellConfig,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def cell_step_op(x: Tensor, z_below: Tensor, h: Tensor, c: Tensor, z: Tensor, h_above: Tensor, p: LayerParams,
+                 slope: Tensor, noise: Optional[Tensor], cfg: CellConfig) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`fused_cell_step` on whichever device the tensors are (the op dispatches on it), without the
     backend check: the CPU and CUDA backends (`hmlstm.ops.cuda`) both call it. Shapes as `fused_cell_step`."""
     if cfg.boundary not in _MODES:
