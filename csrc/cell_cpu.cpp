@@ -147,6 +147,37 @@ inline void cell_act_backward(const Cell<T>& L, const T* d_act, const T* act, co
   ln_backward(scratch, xh, rstd, H, dcv);
 }
 
+// The branches' cells, cf = i g (FLUSH) and cu = f c + i g (UPDATE), and their activations, for those asked
+// for. gate: f, i, o, g (4H). xf and xu may be one buffer when only af and au are read afterwards (the forward).
+template <typename T>
+inline void cell_branches(const Cell<T>& L, const T* gate, const T* cr, bool doF, bool doU, T* cf, T* af, T* xf,
+                          T& rf, T* cu, T* au, T* xu, T& ru) {
+  const int64_t H = L.H;
+  const T *f = gate, *i = gate + H, *g = gate + 3 * H;
+  if (doF) {
+    for (int64_t j = 0; j < H; ++j) cf[j] = i[j] * g[j];
+    cell_act(L, cf, af, xf, rf);
+  }
+  if (doU) {
+    for (int64_t j = 0; j < H; ++j) cu[j] = f[j] * cr[j] + i[j] * g[j];
+    cell_act(L, cu, au, xu, ru);
+  }
+}
+
+// Backward of one branch's share w * (h = o act, c): adds to dob (the output gate's gradient) and writes dcv,
+// the branch cell's gradient, accumulating the cell-LN parameter gradients. tmp, tmp2: H scratch each.
+template <typename T>
+inline void branch_backward(const Cell<T>& L, T w, const T* dh, const T* dc, const T* og, const T* act, const T* xn,
+                            T rn, T* dob, T* dcv, T* dlcw, T* dlcb, T* tmp, T* tmp2) {
+  for (int64_t j = 0; j < L.H; ++j) {
+    const T dhw = w * dh[j];
+    dob[j] += dhw * act[j];
+    tmp[j] = dhw * og[j];
+  }
+  cell_act_backward(L, tmp, act, xn, rn, dcv, dlcw, dlcb, tmp2);
+  for (int64_t j = 0; j < L.H; ++j) dcv[j] += w * dc[j];
+}
+
 // Activated gates f, i, o, g (4H) from the bias-free pre-activation s.
 template <typename T>
 inline void gates_from_pre(const Cell<T>& L, const T* s, T* gate, T& mean, T& rstd) {
@@ -243,18 +274,12 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
       }
       T mean, rstd;
       gates_from_pre(L, s, gate.data(), mean, rstd);
-      const T *f = gate.data(), *i = f + H, *o = f + 2 * H, *g = f + 3 * H;
+      const T* o = gate.data() + 2 * H;
       // Which branches of c = zb cf + (1 - zb)(zu cu + (1 - zu) c) have a non-zero weight.
       const bool flush = zb != T(0), update = zb != T(1) && zu != T(0), keep = zb != T(1) && zu != T(1);
       T rf = 0, ru = 0;
-      if (flush) {
-        for (int64_t j = 0; j < H; ++j) cf[j] = i[j] * g[j];
-        cell_act(L, cf.data(), af.data(), xh.data(), rf);
-      }
-      if (update) {
-        for (int64_t j = 0; j < H; ++j) cu[j] = f[j] * cr[j] + i[j] * g[j];
-        cell_act(L, cu.data(), au.data(), xh.data(), ru);
-      }
+      cell_branches(L, gate.data(), cr, flush, update, cf.data(), af.data(), xh.data(), rf, cu.data(), au.data(),
+                    xh.data(), ru);
       for (int64_t j = 0; j < H; ++j) {
         T cn = flush ? zb * cf[j] : T(0), hn = flush ? zb * (o[j] * af[j]) : T(0);
         if (zb != T(1)) {
@@ -370,14 +395,8 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       const T *f = gate.data(), *i = f + H, *og = f + 2 * H, *g = f + 3 * H;
       const bool doF = wF != T(0) || zgrad, doU = wU != T(0) || zgrad;
       T rf = 0, ru = 0;
-      if (doF) {
-        for (int64_t j = 0; j < H; ++j) cf[j] = i[j] * g[j];
-        cell_act(L, cf.data(), af.data(), xf.data(), rf);
-      }
-      if (doU) {
-        for (int64_t j = 0; j < H; ++j) cu[j] = f[j] * cr[j] + i[j] * g[j];
-        cell_act(L, cu.data(), au.data(), xu.data(), ru);
-      }
+      cell_branches(L, gate.data(), cr, doF, doU, cf.data(), af.data(), xf.data(), rf, cu.data(), au.data(),
+                    xu.data(), ru);
       T zhat = 0, s_z = 0;
       if (L.has_z) {
         s_z = s[H4] + L.b[H4];
@@ -411,24 +430,12 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       std::fill(dob.begin(), dob.end(), T(0));
       std::fill(dcf.begin(), dcf.end(), T(0));
       std::fill(dcu.begin(), dcu.end(), T(0));
-      if (wF != T(0)) {
-        for (int64_t j = 0; j < H; ++j) {
-          const T dhf = wF * dh[j];
-          dob[j] += dhf * af[j];
-          tmp[j] = dhf * og[j];
-        }
-        cell_act_backward(L, tmp.data(), af.data(), xf.data(), rf, dcf.data(), dlcw, dlcb, tmp2.data());
-        for (int64_t j = 0; j < H; ++j) dcf[j] += wF * dc[j];
-      }
-      if (wU != T(0)) {
-        for (int64_t j = 0; j < H; ++j) {
-          const T dhu = wU * dh[j];
-          dob[j] += dhu * au[j];
-          tmp[j] = dhu * og[j];
-        }
-        cell_act_backward(L, tmp.data(), au.data(), xu.data(), ru, dcu.data(), dlcw, dlcb, tmp2.data());
-        for (int64_t j = 0; j < H; ++j) dcu[j] += wU * dc[j];
-      }
+      if (wF != T(0))
+        branch_backward(L, wF, dh, dc, og, af.data(), xf.data(), rf, dob.data(), dcf.data(), dlcw, dlcb, tmp.data(),
+                        tmp2.data());
+      if (wU != T(0))
+        branch_backward(L, wU, dh, dc, og, au.data(), xu.data(), ru, dob.data(), dcu.data(), dlcw, dlcb, tmp.data(),
+                        tmp2.data());
       for (int64_t j = 0; j < H; ++j) {
         const T dcs = dcf[j] + dcu[j];
         dcp[j] += dcu[j] * f[j];

@@ -153,6 +153,20 @@ __device__ void cell_branches(const Cell<T>& L, const T* gate, const T* cr, bool
   }
 }
 
+// Backward of one branch's share w * (h = o act, c): adds to dob (the output gate's gradient) and writes dcv,
+// the branch cell's gradient, accumulating the cell-LN parameter gradients. tmp, tmp2: H scratch each.
+template <typename T>
+__device__ void branch_backward(const Cell<T>& L, T w, const T* dh, const T* dc, const T* og, const T* act,
+                                const T* xn, T rn, T* dob, T* dcv, T* dlcw, T* dlcb, T* tmp, T* tmp2, double* shm) {
+  ROW_LOOP(j, L.H) {
+    const T dhw = w * dh[j];
+    dob[j] += dhw * act[j];
+    tmp[j] = dhw * og[j];
+  }
+  cell_act_backward(L, tmp, act, xn, rn, dcv, dlcw, dlcb, tmp2, shm);
+  ROW_LOOP(j, L.H) dcv[j] += w * dc[j];
+}
+
 // z_copy under `recompute`: the boundary unit from U h + b alone (every thread gets it).
 template <typename T>
 __device__ T recompute_pre(const Cell<T>& L, int64_t r, const T* pu, double* shm) {
@@ -411,24 +425,8 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
     if (L.ln) dlcw[j] = dlcb[j] = T(0);
     dob[j] = dcf[j] = dcu[j] = T(0);
   }
-  if (wF != T(0)) {
-    ROW_LOOP(j, H) {
-      const T dhf = wF * dh[j];
-      dob[j] += dhf * af[j];
-      tmp[j] = dhf * og[j];
-    }
-    cell_act_backward(L, tmp, af, xf, rf, dcf, dlcw, dlcb, tmp2, shm);
-    ROW_LOOP(j, H) dcf[j] += wF * dc[j];
-  }
-  if (wU != T(0)) {
-    ROW_LOOP(j, H) {
-      const T dhu = wU * dh[j];
-      dob[j] += dhu * au[j];
-      tmp[j] = dhu * og[j];
-    }
-    cell_act_backward(L, tmp, au, xu, ru, dcu, dlcw, dlcb, tmp2, shm);
-    ROW_LOOP(j, H) dcu[j] += wU * dc[j];
-  }
+  if (wF != T(0)) branch_backward(L, wF, dh, dc, og, af, xf, rf, dob, dcf, dlcw, dlcb, tmp, tmp2, shm);
+  if (wU != T(0)) branch_backward(L, wU, dh, dc, og, au, xu, ru, dob, dcu, dlcw, dlcb, tmp, tmp2, shm);
   ROW_LOOP(j, H) {
     const T dcs = dcf[j] + dcu[j];
     dcp[j] += dcu[j] * f[j];
