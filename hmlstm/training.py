@@ -276,6 +276,18 @@ class HMLSTMLanguageModel(pl.LightningModule):
             loader.advance_to(batch_idx + 1)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log `train/grad_norm`: the 2-norm of all gradients before clipping (Lightning clips after this hook).
+
+        The straight-through gradient can grow exponentially over a sequence (README, "Reproducing the paper");
+        clipping hides that from the loss curve, so every run records it. Each parameter's norm is taken in
+        float64: squares of fp32 gradients above 1e19 overflow fp32, and this is the case worth seeing.
+        """
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in self.parameters() if p.grad is not None]
+        if norms:
+            total = torch.linalg.vector_norm(torch.stack(norms))
+            self.log("train/grad_norm", total.float(), on_step=True, on_epoch=False, batch_size=1)
+
     # -- non-finite values ----------------------------------------------------------------------------
 
     def _all_finite(self, loss: Tensor) -> bool:

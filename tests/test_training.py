@@ -195,3 +195,22 @@ def test_checkpoint_written_by_the_cli_keeps_a_vocabulary_with_a_hash(tmp_path):
     assert loaded.vocab.chars == vocab
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_gradient_norm_before_clipping_is_logged(tmp_path):
+    """`train/grad_norm` is the norm Lightning clips, taken before clipping: with a clip value far below it the
+    logged value still equals the unclipped norm, so an exploding gradient shows in the logs."""
+
+    class PreClip(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.norm = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after the step
+            self.after = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])))
+
+    probe = PreClip()
+    t = trainer(tmp_path, gradient_clip_val=1e-4, callbacks=[probe])
+    t.fit(HMLSTMLanguageModel(**TINY), tiny_data())
+    logged = float(t.callback_metrics["train/grad_norm"])
+    assert logged == pytest.approx(probe.norm, rel=1e-5)
+    assert logged > 1e-3 and probe.after <= 1e-4 * 1.001  # the optimizer saw clipped gradients, the log did not
