@@ -4,11 +4,16 @@
 #   bash benchmarks/gpu_session.sh build-test      # build the CUDA/C++ extension, GPU + Triton + C++ tests
 #   bash benchmarks/gpu_session.sh bench-core      # PTB and text8 sizes, COPY-skipping sweep, fp32 + bf16
 #   bash benchmarks/gpu_session.sh bench-sweeps    # batch, hidden and steps sweeps
+#   bash benchmarks/gpu_session.sh bench-trained   # a trained PTB model's own boundaries (needs runs/gpu-carry)
+#
+# bench-trained reads a weights-only checkpoint and the PTB text from runs/gpu-carry (git-ignored; 44 MB, under
+# the device tool's 64 MiB carry limit). Prepare it here, then pass carry=["runs/gpu-carry"] to the run:
+#   hmlstm export --ckpt_path CKPT --out runs/gpu-carry/trained.ckpt && cp -r ../shared/data/ptb runs/gpu-carry/
 #
 # Results land in $OUT (the device tool's output folder) or benchmarks/results/; commit the JSON and the
 # report.py tables. The package is installed against the torch already on the machine (no downloads there).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh build-test|bench-core|bench-sweeps}
+stage=${1:?usage: gpu_session.sh build-test|bench-core|bench-sweeps|bench-trained}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -35,6 +40,15 @@ case "$stage" in
     python benchmarks/run.py --device cuda --suites batch hidden steps --dtypes float32 --min-time 1 \
       --out "$out/gpu-$gpu-$day-sweeps.json" 2>&1 | tee "$out/bench-sweeps.log"
     python benchmarks/report.py "$out/gpu-$gpu-$day-sweeps.json"
+    ;;
+  bench-trained)
+    carry=runs/gpu-carry
+    [ -f $carry/trained.ckpt ] && [ -f $carry/ptb/ptb.char.valid.txt ] || {
+      echo "bench-trained needs $carry/trained.ckpt and $carry/ptb/ (see this script's header)" >&2; exit 2; }
+    python benchmarks/run.py --device cuda --suites trained ptb --dtypes float32 bfloat16 --min-time 1 \
+      --trained-ckpt $carry/trained.ckpt --ptb-dir $carry/ptb --out "$out/gpu-$gpu-$day-trained.json" \
+      2>&1 | tee "$out/bench-trained.log"
+    python benchmarks/report.py "$out/gpu-$gpu-$day-trained.json"
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -7,6 +7,7 @@
     hmlstm validate --ckpt_path CKPT             # also test, predict; same data options as fit
     hmlstm generate --ckpt_path CKPT --prompt "The " --length 200 --temperature 0.8
     hmlstm boundaries --ckpt_path CKPT --text "the cat sat on the mat" --out boundaries.png
+    hmlstm export --ckpt_path CKPT --out model.ckpt  # weights only: a third of the size, cannot resume
 
 fit/validate/test/predict are LightningCLI subcommands (`hmlstm fit --help` lists every option). Without
 --config they read the shipped default config; a --config name that is not a file is looked up among the
@@ -30,7 +31,8 @@ from pytorch_lightning.cli import LightningCLI
 
 from .data import CharDataModule
 from .metrics import boundary_f1, word_boundaries
-from .training import AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing
+from .training import (AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing,
+                       export_weights)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEFAULT_CONFIG = "default.yaml"
@@ -122,7 +124,7 @@ def lightning_main(argv: list[str]) -> HMLSTMCLI:
         seed_everything_default=1234,
         trainer_defaults={"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm", "logger": default_loggers()},
         parser_kwargs={"description": "Train and evaluate HM-LSTM language models. Also: `hmlstm generate -h`, "
-                                      "`hmlstm boundaries -h`."},
+                                      "`hmlstm boundaries -h`, `hmlstm export -h`."},
         args=_with_configs(argv),
     )
 
@@ -191,7 +193,23 @@ def boundaries_main(argv: Sequence[str]) -> None:
         print("the model has a single layer: no boundary detector")
 
 
-EXTRA_SUBCOMMANDS = {"generate": generate_main, "boundaries": boundaries_main}
+def export_main(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(prog="hmlstm export",
+                                description="Write a checkpoint's model without its run state (optimizer, carried "
+                                            "state, random-number state): for sharing, generating and evaluating; "
+                                            "it cannot resume training.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by hmlstm fit")
+    p.add_argument("--out", required=True, help="file to write")
+    a = p.parse_args(argv)
+    if not Path(a.ckpt_path).is_file():
+        raise SystemExit(f"--ckpt_path: no such checkpoint file: {a.ckpt_path}")
+    if Path(a.out).resolve() == Path(a.ckpt_path).resolve():
+        p.error("--out must differ from --ckpt_path (the training checkpoint is kept)")
+    size = export_weights(a.ckpt_path, a.out)
+    print(f"wrote {a.out}: {size / 1e6:.1f} MB (from {Path(a.ckpt_path).stat().st_size / 1e6:.1f} MB)")
+
+
+EXTRA_SUBCOMMANDS = {"generate": generate_main, "boundaries": boundaries_main, "export": export_main}
 
 
 # Errors that carry a complete message for the user: shown without a traceback (HMLSTM_TRACEBACK=1 shows it).

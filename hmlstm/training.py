@@ -139,6 +139,35 @@ def _without_instantiator(path: str | os.PathLike) -> str | os.PathLike | io.Byt
     return buf
 
 
+# What a weights-only checkpoint keeps: enough for load_from_checkpoint, generate, boundaries, validate and test.
+_WEIGHTS_KEYS = ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, "pytorch-lightning_version", "epoch",
+                 "global_step")
+
+
+def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
+    """Write the model of a training checkpoint without its run state; returns the new file's size in bytes.
+
+    The optimizer's moments, the scheduler, the carried hidden state and the random-number state are dropped
+    (a PTB checkpoint: 102 MB -> 34 MB), so the result loads with `HMLSTMLanguageModel.load_from_checkpoint`
+    and `hmlstm generate | boundaries | validate | test` but cannot resume training. Written atomically.
+    """
+    problem = describe_checkpoint_problem(ckpt_path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{ckpt_path} has no {' or '.join(missing)}: not a checkpoint of HMLSTMLanguageModel")
+    out = {k: ckpt[k] for k in _WEIGHTS_KEYS if k in ckpt}
+    out[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = {
+        k: v for k, v in ckpt[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY].items() if k != "_instantiator"}
+    meta = dict(ckpt.get("hmlstm", {"format": CHECKPOINT_FORMAT, "version": __version__}))
+    meta.update(train_state=None, rng=None)  # no run state: a weights file never resumes a stream
+    out["hmlstm"] = meta
+    AtomicCheckpointIO().save_checkpoint(out, out_path)
+    return Path(out_path).stat().st_size
+
+
 class HMLSTMLanguageModel(pl.LightningModule):
     """The paper's character language model (embedding -> HM-LSTM -> gated output module -> softmax).
 
@@ -428,8 +457,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
                                   f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
                                   f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
         self.skipped_batches = int(meta.get("skipped_batches", 0))
-        if self._trainer is None or self.trainer.state.fn != "fit" or meta.get("format", 0) < 1:
-            return  # loading weights, evaluating, or an old checkpoint: no run state to restore
+        if self._trainer is None or self.trainer.state.fn != "fit" or meta.get("format", 0) < 1 or not meta.get("rng"):
+            return  # loading weights, evaluating, an old checkpoint or a weights file: no run state to restore
         self._resume = {"epoch": meta["epoch"], "position": meta["train_position"], "state": meta["train_state"]}
         torch.set_rng_state(meta["rng"]["torch"])
         if meta["rng"]["cuda"] and torch.cuda.is_available() and len(meta["rng"]["cuda"]) == torch.cuda.device_count():

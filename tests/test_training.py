@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hmlstm.data import SyntheticDataModule, TextDataModule, Vocabulary
+from hmlstm.cli import main as hmlstm_main
 from hmlstm.training import HMLSTMLanguageModel, SlopeAnnealing
 
 TINY = dict(hidden_sizes=(8, 8), embed_size=8, output_size=16, layer_norm=False, backend="reference")
@@ -214,3 +215,42 @@ def test_gradient_norm_before_clipping_is_logged(tmp_path):
     logged = float(t.callback_metrics["train/grad_norm"])
     assert logged == pytest.approx(probe.norm, rel=1e-5)
     assert logged > 1e-3 and probe.after <= 1e-4 * 1.001  # the optimizer saw clipped gradients, the log did not
+
+
+def test_export_keeps_the_model_and_drops_the_run_state(tmp_path, capsys):
+    """`hmlstm export`: same weights, hyperparameters and samples as the training checkpoint, without the optimizer
+    moments, the carried state and the RNG state (so the file is smaller), and a validate run accepts it."""
+    dm = tiny_data()
+    model = HMLSTMLanguageModel(**TINY)
+    t = trainer(tmp_path, callbacks=[SlopeAnnealing(1.5, 0.0, 1.5)])
+    t.fit(model, dm)
+    full, small = tmp_path / "full.ckpt", tmp_path / "weights.ckpt"
+    t.save_checkpoint(full)
+    hmlstm_main(["export", "--ckpt_path", str(full), "--out", str(small)])
+    assert "wrote" in capsys.readouterr().out
+    ck = torch.load(small, weights_only=False)
+    assert "optimizer_states" not in ck and "lr_schedulers" not in ck
+    assert ck["hmlstm"]["train_state"] is None and ck["hmlstm"]["rng"] is None
+    assert small.stat().st_size < full.stat().st_size
+    a, b = HMLSTMLanguageModel.load_from_checkpoint(full), HMLSTMLanguageModel.load_from_checkpoint(small)
+    assert float(b.slope) == 1.5 and b.vocab == a.vocab and dict(b.hparams) == dict(a.hparams)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=0)
+    gens = [m.generate("ab", 20, temperature=0.8, generator=torch.Generator().manual_seed(3)) for m in (a, b)]
+    assert gens[0] == gens[1]
+    # as `hmlstm validate --ckpt_path weights.ckpt` does: the weights file loaded into a fresh module
+    via_file = trainer(tmp_path).validate(HMLSTMLanguageModel(**TINY), dm, ckpt_path=str(small), verbose=False)[0]
+    direct = trainer(tmp_path).validate(a, dm, verbose=False)[0]
+    assert via_file["val/bpc"] == pytest.approx(direct["val/bpc"], rel=1e-6)
+
+
+def test_export_errors_name_the_argument(tmp_path):
+    with pytest.raises(SystemExit, match="--ckpt_path: no such checkpoint file"):
+        hmlstm_main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o.ckpt")])
+    bad = tmp_path / "notmodel.ckpt"
+    torch.save({"something": 1}, bad)
+    with pytest.raises(SystemExit, match="no state_dict"):  # main() turns CheckpointError into a one-line exit
+        hmlstm_main(["export", "--ckpt_path", str(bad), "--out", str(tmp_path / "o.ckpt")])
+    with pytest.raises(SystemExit):
+        hmlstm_main(["export", "--ckpt_path", str(bad), "--out", str(bad)])
