@@ -149,3 +149,25 @@ def test_layer_norm_placement():
     torch.testing.assert_close(c1, cn)
     torch.testing.assert_close(h1, o * torch.tanh(cnorm * p.ln_cell_w + p.ln_cell_b))
     torch.testing.assert_close(z1, ((pre[:, 4 * H] + p.b[4 * H]) > 0).double())  # boundary unit not normalized
+
+
+def test_hold_rule_gives_the_z_path_a_gain_of_1_plus_z_tilde_on_copy_steps():
+    """PAPER.md's dense `hold` rule, z_t = z_{t-1} z~ + (1 - z_{t-1})(z^{l-1} z~ + (1 - z^{l-1}) z_{t-1}), has
+    d z_t / d z_{t-1} = 1 + z~ on a COPY step: the gradient carried back along z doubles on every COPY step whose
+    detector would fire, which is the exploding gradient README "Reproducing the paper" measures on PTB.
+    Under `recompute` the same derivative is z~ - z_copy = 0 on COPY rows (both come from U h + b)."""
+    p, x, h, c, ha = random_layer(seed=3)
+    p = p._replace(V=torch.zeros_like(p.V))  # no top-down term: z_{t-1} reaches z_t only through the rule itself
+    zu = torch.zeros(B)  # COPY on every row
+    p = p._replace(b=p.b.clone())
+    u = (h @ p.U[4 * H]).sort().values
+    p.b[4 * H] = -(u[1] + u[2]) / 2  # threshold halfway between rows: fires on some, not all, none at the edge
+    s_z = h @ p.U[4 * H] + p.b[4 * H]  # the detector's input on a COPY row
+    z_tilde = (s_z > 0).double()
+    assert 0 < z_tilde.sum() < B, "the test needs rows on both sides of the threshold"
+    for mode, expected in (("hold", 1 + z_tilde), ("recompute", torch.zeros(B))):
+        z = torch.zeros(B, requires_grad=True)
+        _, _, z_new = step(p, x, zu, h, c, z, ha, cfg=CellConfig(copy_boundary=mode))
+        torch.testing.assert_close(z_new.detach(), torch.zeros(B) if mode == "hold" else z_tilde)
+        (dz,) = torch.autograd.grad(z_new, z, torch.ones(B))  # rows are independent: the diagonal
+        torch.testing.assert_close(dz, expected, msg=mode)
