@@ -6,9 +6,11 @@
 #   bash benchmarks/gpu_session.sh bench-sweeps    # batch, hidden and steps sweeps
 #   bash benchmarks/gpu_session.sh bench-trained   # a trained PTB model's own boundaries (needs runs/gpu-carry)
 #
-# bench-trained reads a weights-only checkpoint and the PTB text from runs/gpu-carry (git-ignored; 44 MB, under
+# The bench-* stages need build-test first on the same warm machine (it installs the package there).
+# bench-trained reads a weights-only checkpoint and the PTB text from runs/gpu-carry (git-ignored; 44 MiB, under
 # the device tool's 64 MiB carry limit). Prepare it here, then pass carry=["runs/gpu-carry"] to the run:
-#   hmlstm export --ckpt_path CKPT --out runs/gpu-carry/trained.ckpt && cp -r ../shared/data/ptb runs/gpu-carry/
+#   hmlstm export --ckpt_path CKPT --out runs/gpu-carry/trained.ckpt
+#   cp -r --no-preserve=mode ../shared/data/ptb runs/gpu-carry/
 #
 # Results land in $OUT (the device tool's output folder) or benchmarks/results/; commit the JSON and the
 # report.py tables. The package is installed against the torch already on the machine (no downloads there).
@@ -43,8 +45,9 @@ case "$stage" in
     ;;
   bench-trained)
     carry=runs/gpu-carry
-    [ -f $carry/trained.ckpt ] && [ -f $carry/ptb/ptb.char.valid.txt ] || {
-      echo "bench-trained needs $carry/trained.ckpt and $carry/ptb/ (see this script's header)" >&2; exit 2; }
+    for f in trained.ckpt ptb/ptb.char.train.txt ptb/ptb.char.valid.txt ptb/ptb.char.test.txt; do
+      [ -f "$carry/$f" ] || { echo "bench-trained needs $carry/$f (see this script's header)" >&2; exit 2; }
+    done
     python benchmarks/run.py --device cuda --suites trained ptb --dtypes float32 bfloat16 --min-time 1 \
       --trained-ckpt $carry/trained.ckpt --ptb-dir $carry/ptb --out "$out/gpu-$gpu-$day-trained.json" \
       2>&1 | tee "$out/bench-trained.log"

@@ -194,6 +194,7 @@ def boundaries_main(argv: Sequence[str]) -> None:
 
 
 def export_main(argv: Sequence[str]) -> None:
+    """`hmlstm export`: a checkpoint's model without its run state (`hmlstm.training.export_weights`)."""
     p = argparse.ArgumentParser(prog="hmlstm export",
                                 description="Write a checkpoint's model without its run state (optimizer, carried "
                                             "state, random-number state): for sharing, generating and evaluating; "
@@ -203,7 +204,7 @@ def export_main(argv: Sequence[str]) -> None:
     a = p.parse_args(argv)
     if not Path(a.ckpt_path).is_file():
         raise SystemExit(f"--ckpt_path: no such checkpoint file: {a.ckpt_path}")
-    if Path(a.out).resolve() == Path(a.ckpt_path).resolve():
+    if Path(a.out).exists() and os.path.samefile(a.out, a.ckpt_path):
         p.error("--out must differ from --ckpt_path (the training checkpoint is kept)")
     size = export_weights(a.ckpt_path, a.out)
     print(f"wrote {a.out}: {size / 1e6:.1f} MB (from {Path(a.ckpt_path).stat().st_size / 1e6:.1f} MB)")

@@ -149,20 +149,25 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) ->
 
     The optimizer's moments, the scheduler, the carried hidden state and the random-number state are dropped
     (a PTB checkpoint: 102 MB -> 34 MB), so the result loads with `HMLSTMLanguageModel.load_from_checkpoint`
-    and `hmlstm generate | boundaries | validate | test` but cannot resume training. Written atomically.
+    and `hmlstm generate | boundaries | validate | test`; `hmlstm fit --ckpt_path` on it raises
+    `CheckpointError` (it cannot resume training). Written atomically.
     """
     problem = describe_checkpoint_problem(ckpt_path)
     if problem is not None:
         raise CheckpointError(problem)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # as LightningCLI loads it
     missing = [k for k in ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) if k not in ckpt]
     if missing:
         raise CheckpointError(f"{ckpt_path} has no {' or '.join(missing)}: not a checkpoint of HMLSTMLanguageModel")
     out = {k: ckpt[k] for k in _WEIGHTS_KEYS if k in ckpt}
     out[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = {
         k: v for k, v in ckpt[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY].items() if k != "_instantiator"}
-    meta = dict(ckpt.get("hmlstm", {"format": CHECKPOINT_FORMAT, "version": __version__}))
-    meta.update(train_state=None, rng=None)  # no run state: a weights file never resumes a stream
+    meta = dict(ckpt.get("hmlstm", {"format": 0, "version": "< 0.1"}))
+    if meta.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{ckpt_path} was written by hmlstm {meta.get('version')} in checkpoint format "
+                              f"{meta.get('format')}; this is hmlstm {__version__}: upgrade hmlstm to export it")
+    # no run state; the mark makes `fit --ckpt_path` on this file fail with a clear error (on_load_checkpoint)
+    meta.update(train_state=None, rng=None, weights_only=True)
     out["hmlstm"] = meta
     AtomicCheckpointIO().save_checkpoint(out, out_path)
     return Path(out_path).stat().st_size
@@ -189,7 +194,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
     Logged every epoch, for stage in train/val/test: `{stage}/bpc`, `{stage}/nll`, `{stage}/boundary_rate_l{k}`,
     `{stage}/{update,copy,flush}_l{k}` (layers numbered from 1); in val/test the boundary precision, recall
     and F1 of each layer against each level of true boundaries, `{stage}/f1_l{k}_{level}`; in train
-    `train/chars_per_sec` and `train/slope`.
+    `train/chars_per_sec`, `train/slope` and `train/grad_norm_max` (the largest gradient norm before clipping).
+    Logged per step: `train/bpc_step`, `train/grad_norm`.
 
     Checkpoints carry what an exact mid-epoch resume needs beyond Lightning's own state (step, epoch,
     optimizer, LR scheduler, the loader's position): the carried TBPTT state of every stream and the RNG state.
@@ -306,16 +312,21 @@ class HMLSTMLanguageModel(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log `train/grad_norm`: the 2-norm of all gradients before clipping (Lightning clips after this hook).
+        """Log the 2-norm of all gradients before clipping (Lightning clips after this hook, and unscales AMP
+        gradients before it): `train/grad_norm` per step (kept every `log_every_n_steps`) and
+        `train/grad_norm_max`, the largest of the epoch, which a short spike between logged steps cannot escape.
 
         The straight-through gradient can grow exponentially over a sequence (README, "Reproducing the paper");
         clipping hides that from the loss curve, so every run records it. Each parameter's norm is taken in
-        float64: squares of fp32 gradients above 1e19 overflow fp32, and this is the case worth seeing.
+        float64: squares of fp32 gradients above 1e19 overflow fp32, and this is the case worth seeing. Under
+        `16-mixed`, steps that the gradient scaler skips for overflow log inf or nan here: that is the scaler
+        probing its scale, not the model.
         """
         norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in self.parameters() if p.grad is not None]
         if norms:
-            total = torch.linalg.vector_norm(torch.stack(norms))
-            self.log("train/grad_norm", total.float(), on_step=True, on_epoch=False, batch_size=1)
+            total = torch.linalg.vector_norm(torch.stack(norms)).float()
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/grad_norm_max", total, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
 
     # -- non-finite values ----------------------------------------------------------------------------
 
@@ -457,8 +468,12 @@ class HMLSTMLanguageModel(pl.LightningModule):
                                   f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
                                   f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
         self.skipped_batches = int(meta.get("skipped_batches", 0))
-        if self._trainer is None or self.trainer.state.fn != "fit" or meta.get("format", 0) < 1 or not meta.get("rng"):
-            return  # loading weights, evaluating, an old checkpoint or a weights file: no run state to restore
+        if meta.get("weights_only") and self._trainer is not None and self.trainer.state.fn == "fit":
+            raise CheckpointError("this checkpoint was written by `hmlstm export`: it holds the model only (no "
+                                  "optimizer, scheduler, loop or carried state) and cannot resume training; resume "
+                                  "from the training checkpoint it was exported from (e.g. last.ckpt)")
+        if self._trainer is None or self.trainer.state.fn != "fit" or meta.get("format", 0) < 1:
+            return  # loading weights, evaluating, or an old checkpoint: no run state to restore
         self._resume = {"epoch": meta["epoch"], "position": meta["train_position"], "state": meta["train_state"]}
         torch.set_rng_state(meta["rng"]["torch"])
         if meta["rng"]["cuda"] and torch.cuda.is_available() and len(meta["rng"]["cuda"]) == torch.cuda.device_count():

@@ -1,4 +1,5 @@
-"""The `hmlstm` command end to end, in subprocesses, on a tiny corpus: fit, validate, generate, boundaries."""
+"""The `hmlstm` command end to end, in subprocesses, on a tiny corpus: fit, validate, generate, boundaries,
+export."""
 
 import csv
 import os
@@ -58,6 +59,20 @@ def test_cli_fit_validate_generate_boundaries(tmp_path):
     hmlstm(["validate", *data, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"], tmp_path)
     val_bpc = last_value(tmp_path / "lightning_logs" / "csv" / "version_1" / "metrics.csv", "val/bpc")
     assert val_bpc == pytest.approx(fit_bpc, rel=1e-5)
+    assert last_value(run / "metrics.csv", "train/grad_norm_max") > 0
+
+    # export: the model alone validates to the same BPC; resuming training from it fails with a one-line error
+    weights = tmp_path / "weights.ckpt"
+    assert "wrote" in hmlstm(["export", "--ckpt_path", str(ckpt), "--out", str(weights)], tmp_path)
+    hmlstm(["validate", *data, "--ckpt_path", str(weights), "--trainer.enable_progress_bar", "false"], tmp_path)
+    exported_bpc = last_value(tmp_path / "lightning_logs" / "csv" / "version_2" / "metrics.csv", "val/bpc")
+    assert exported_bpc == pytest.approx(fit_bpc, rel=1e-5)
+    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", "fit", *data, "--ckpt_path", str(weights),
+                           "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "cannot resume training" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
     text = hmlstm(["generate", "--ckpt_path", str(ckpt), "--prompt", "the ", "--length", "37",
                    "--temperature", "0.7"], tmp_path)

@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from hmlstm.data import SyntheticDataModule, TextDataModule, Vocabulary
 from hmlstm.cli import main as hmlstm_main
-from hmlstm.training import HMLSTMLanguageModel, SlopeAnnealing
+from hmlstm.data import SyntheticDataModule, TextDataModule, Vocabulary
+from hmlstm.training import CheckpointError, HMLSTMLanguageModel, SlopeAnnealing, export_weights
 
 TINY = dict(hidden_sizes=(8, 8), embed_size=8, output_size=16, layer_norm=False, backend="reference")
 
@@ -202,12 +202,16 @@ def test_gradient_norm_before_clipping_is_logged(tmp_path):
     """`train/grad_norm` is the norm Lightning clips, taken before clipping: with a clip value far below it the
     logged value still equals the unclipped norm, so an exploding gradient shows in the logs."""
 
+    def grad_norm(module) -> float:
+        return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in module.parameters()
+                                                          if p.grad is not None])))
+
     class PreClip(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.norm = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])))
+            self.norm = grad_norm(pl_module)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after the step
-            self.after = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])))
+            self.after = grad_norm(pl_module)
 
     probe = PreClip()
     t = trainer(tmp_path, gradient_clip_val=1e-4, callbacks=[probe])
@@ -239,7 +243,7 @@ def test_export_keeps_the_model_and_drops_the_run_state(tmp_path, capsys):
         torch.testing.assert_close(va, vb, rtol=0, atol=0)
     gens = [m.generate("ab", 20, temperature=0.8, generator=torch.Generator().manual_seed(3)) for m in (a, b)]
     assert gens[0] == gens[1]
-    # as `hmlstm validate --ckpt_path weights.ckpt` does: the weights file loaded into a fresh module
+    # the weights file loaded into a fresh module by the Trainer (the CLI's path is in tests/test_cli.py)
     via_file = trainer(tmp_path).validate(HMLSTMLanguageModel(**TINY), dm, ckpt_path=str(small), verbose=False)[0]
     direct = trainer(tmp_path).validate(a, dm, verbose=False)[0]
     assert via_file["val/bpc"] == pytest.approx(direct["val/bpc"], rel=1e-6)
@@ -252,5 +256,20 @@ def test_export_errors_name_the_argument(tmp_path):
     torch.save({"something": 1}, bad)
     with pytest.raises(SystemExit, match="no state_dict"):  # main() turns CheckpointError into a one-line exit
         hmlstm_main(["export", "--ckpt_path", str(bad), "--out", str(tmp_path / "o.ckpt")])
-    with pytest.raises(SystemExit):
-        hmlstm_main(["export", "--ckpt_path", str(bad), "--out", str(bad)])
+    good = tmp_path / "good.ckpt"
+    model = HMLSTMLanguageModel(**TINY)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, good)
+    with pytest.raises(SystemExit) as e:  # argparse's error: exit status 2, the training checkpoint is kept
+        hmlstm_main(["export", "--ckpt_path", str(good), "--out", str(good)])
+    assert e.value.code == 2 and "state_dict" in torch.load(good, weights_only=False)
+
+
+def test_an_exported_file_cannot_resume_training(tmp_path):
+    dm = tiny_data()
+    t = trainer(tmp_path)
+    t.fit(HMLSTMLanguageModel(**TINY), dm)
+    full, small = tmp_path / "full.ckpt", tmp_path / "weights.ckpt"
+    t.save_checkpoint(full)
+    export_weights(full, small)
+    with pytest.raises(CheckpointError, match="cannot resume training"):
+        trainer(tmp_path, max_epochs=2).fit(HMLSTMLanguageModel(**TINY), dm, ckpt_path=str(small))
