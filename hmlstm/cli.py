@@ -129,9 +129,13 @@ def lightning_main(argv: list[str]) -> HMLSTMCLI:
     )
 
 
-def _load(ckpt_path: str, backend: Optional[str]) -> HMLSTMLanguageModel:
+def _require_file(ckpt_path: str) -> None:
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"--ckpt_path: no such checkpoint file: {ckpt_path}")
+
+
+def _load(ckpt_path: str, backend: Optional[str]) -> HMLSTMLanguageModel:
+    _require_file(ckpt_path)
     try:
         model = HMLSTMLanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu",
                                                          **({"backend": backend} if backend else {}))
@@ -202,8 +206,7 @@ def export_main(argv: Sequence[str]) -> None:
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by hmlstm fit")
     p.add_argument("--out", required=True, help="file to write")
     a = p.parse_args(argv)
-    if not Path(a.ckpt_path).is_file():
-        raise SystemExit(f"--ckpt_path: no such checkpoint file: {a.ckpt_path}")
+    _require_file(a.ckpt_path)
     if Path(a.out).exists() and os.path.samefile(a.out, a.ckpt_path):
         p.error("--out must differ from --ckpt_path (the training checkpoint is kept)")
     size = export_weights(a.ckpt_path, a.out)

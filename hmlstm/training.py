@@ -139,6 +139,17 @@ def _without_instantiator(path: str | os.PathLike) -> str | os.PathLike | io.Byt
     return buf
 
 
+def _hmlstm_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's hmlstm metadata ({"format": 0} for checkpoints older than it); a `CheckpointError` if a
+    newer hmlstm wrote it in a format this one cannot read."""
+    meta = checkpoint.get("hmlstm", {"format": 0, "version": "< 0.1"})
+    if meta.get("format", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"the checkpoint was written by hmlstm {meta.get('version')} in checkpoint format "
+                              f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
+                              f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
+    return meta
+
+
 # What a weights-only checkpoint keeps: enough for load_from_checkpoint, generate, boundaries, validate and test.
 _WEIGHTS_KEYS = ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, "pytorch-lightning_version", "epoch",
                  "global_step")
@@ -162,10 +173,7 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) ->
     out = {k: ckpt[k] for k in _WEIGHTS_KEYS if k in ckpt}
     out[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = {
         k: v for k, v in ckpt[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY].items() if k != "_instantiator"}
-    meta = dict(ckpt.get("hmlstm", {"format": 0, "version": "< 0.1"}))
-    if meta.get("format", 0) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{ckpt_path} was written by hmlstm {meta.get('version')} in checkpoint format "
-                              f"{meta.get('format')}; this is hmlstm {__version__}: upgrade hmlstm to export it")
+    meta = dict(_hmlstm_meta(ckpt))
     # no run state; the mark makes `fit --ckpt_path` on this file fail with a clear error (on_load_checkpoint)
     meta.update(train_state=None, rng=None, weights_only=True)
     out["hmlstm"] = meta
@@ -462,11 +470,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
         return self.all_gather(t).flatten(0, 1)  # (W, B/W, ...) -> (B, ...)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("hmlstm", {"format": 0, "version": "< 0.1"})
-        if meta.get("format", 0) > CHECKPOINT_FORMAT:
-            raise CheckpointError(f"the checkpoint was written by hmlstm {meta.get('version')} in checkpoint format "
-                                  f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
-                                  f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
+        meta = _hmlstm_meta(checkpoint)
         self.skipped_batches = int(meta.get("skipped_batches", 0))
         if meta.get("weights_only") and self._trainer is not None and self.trainer.state.fn == "fit":
             raise CheckpointError("this checkpoint was written by `hmlstm export`: it holds the model only (no "

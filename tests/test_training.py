@@ -259,6 +259,11 @@ def test_export_errors_name_the_argument(tmp_path):
     good = tmp_path / "good.ckpt"
     model = HMLSTMLanguageModel(**TINY)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, good)
+    newer = tmp_path / "newer.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "hmlstm": {"format": 99, "version": "9.0"}}, newer)
+    with pytest.raises(SystemExit, match=r"format 99.*upgrade hmlstm"):
+        hmlstm_main(["export", "--ckpt_path", str(newer), "--out", str(tmp_path / "o.ckpt")])
     with pytest.raises(SystemExit) as e:  # argparse's error: exit status 2, the training checkpoint is kept
         hmlstm_main(["export", "--ckpt_path", str(good), "--out", str(good)])
     assert e.value.code == 2 and "state_dict" in torch.load(good, weights_only=False)
