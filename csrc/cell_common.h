@@ -52,7 +52,7 @@ struct Cell {
   bool has_z, ln, recompute;
   int64_t mode;
   T slope;
-  const T *x, *zu, *h, *c, *zb, *ha, *U, *b, *lng, *lcw, *lcb, *noise;
+  const T *x, *zu, *h, *c, *zb, *ha, *W, *U, *V, *b, *lng, *lcw, *lcb, *noise;
 };
 
 // The rows of a batch by what they do (host vectors; the CUDA kernel classifies host copies of z).
@@ -169,7 +169,8 @@ struct Inputs {
     L.has_z = has_z, L.ln = lng.has_value(), L.recompute = recompute, L.mode = mode;
     L.slope = slope.item<T>();
     L.x = x.data_ptr<T>(), L.zu = zu.data_ptr<T>(), L.h = h.data_ptr<T>(), L.c = c.data_ptr<T>();
-    L.zb = zb.data_ptr<T>(), L.ha = ha.data_ptr<T>(), L.U = U.data_ptr<T>(), L.b = b.data_ptr<T>();
+    L.zb = zb.data_ptr<T>(), L.ha = ha.data_ptr<T>(), L.W = W.data_ptr<T>(), L.U = U.data_ptr<T>();
+    L.V = V.data_ptr<T>(), L.b = b.data_ptr<T>();
     L.lng = opt_ptr<T>(lng), L.lcw = opt_ptr<T>(lcw), L.lcb = opt_ptr<T>(lcb), L.noise = opt_ptr<T>(noise);
     return L;
   }

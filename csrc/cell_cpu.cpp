@@ -82,11 +82,18 @@ inline float tanh_<float>(float v) {
   return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * v));
 }
 
+// Eight partial sums, so that GCC vectorizes the loop without -ffast-math (one running sum is a chain of
+// dependent adds, 4 cycles an element).
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int k = 0; k < 8; ++k) acc[k] += a[j + k] * b[j + k];
+  }
+  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
 }
 
 // Mean and 1/sqrt(var + eps) of v[0:n] (biased variance, as F.layer_norm), accumulated in double.
@@ -192,11 +199,16 @@ inline void gates_from_pre(const Cell<T>& L, const T* s, T* gate, T& mean, T& rs
   for (int64_t j = H3; j < H4; ++j) gate[j] = tanh_(gate[j]);
 }
 
+// The boundary unit's share of U h at row r: row 4H of U against h (the forward's GEMMs stop at row 4H).
+template <typename T>
+inline T boundary_uh(const Cell<T>& L, int64_t r) {
+  return dot(L.h + r * L.H, L.U + 4 * L.H * L.H, L.H);
+}
+
 // z_copy under `recompute`: the boundary unit from U h + b alone.
 template <typename T>
-inline T recompute_pre(const Cell<T>& L, int64_t r, const T* pu) {
-  const int64_t H4 = 4 * L.H;
-  return (pu != nullptr ? pu[H4] : dot(L.h + r * L.H, L.U + H4 * L.H, L.H)) + L.b[H4];
+inline T recompute_pre(const Cell<T>& L, int64_t r) {
+  return boundary_uh(L, r) + L.b[4 * L.H];
 }
 
 at::Tensor index_tensor(const std::vector<int64_t>& idx) {
@@ -224,6 +236,15 @@ at::Tensor rows_matmul(const at::Tensor& A, const at::Tensor& M, const std::opti
   return stack[0].toTensor();
 }
 
+// A @ M[:n]^T. The forward's products stop at the 4H gate rows of a (4H + 1)-row weight: the boundary unit's
+// row costs one dot per row in forward_rows instead. Why: oneDNN ran (64 x 512) @ (512 x 2049) 7% slower than
+// N = 2048 (1.02 against 0.95 ms, 8 weights in turn on 2 cores; N = 2056 was as slow as 2049).
+at::Tensor gate_products(const at::Tensor& A, const at::Tensor& M, int64_t n, const std::optional<at::Tensor>& packed) {
+  TORCH_CHECK(!packed.has_value() || packed->size(0) == n, "hmlstm::cell_fwd: packed weights must hold the ", n,
+              " gate rows of the weight, got ", packed->sizes());
+  return rows_matmul(A, n == M.size(0) ? M : M.narrow(0, 0, n), packed);
+}
+
 // Entry k of the ops' `packed` list (see rows_matmul), or nothing.
 std::optional<at::Tensor> packed_at(const std::vector<std::optional<at::Tensor>>& packed, size_t k) {
   if (k >= packed.size() || !packed[k].has_value()) return std::nullopt;
@@ -239,6 +260,7 @@ template <typename T>
 void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::vector<int64_t>& mapU,
                   const T* tV, const std::vector<int64_t>& mapV, const T* tW, const std::vector<int64_t>& mapW,
                   T* pre_out, T* h_out, T* c_out, T* z_out) {
+  // preU, tV, tW: (rows, 4H) products (gate_products); the boundary unit's column comes from dots here.
   const int64_t H = L.H, G = L.G, H4 = 4 * H;
   at::parallel_for(0, L.B, 1, [&](int64_t r0, int64_t r1) {
     std::vector<T> sbuf(G), gate(H4), cf(H), cu(H), af(H), au(H), xh(H);
@@ -246,31 +268,41 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
       const T zb = L.zb[r], zu = L.zu[r];
       const T *hr = L.h + r * H, *cr = L.c + r * H;
       T *ho = h_out + r * H, *co = c_out + r * H;
-      const T* pu = mapU[r] >= 0 ? preU + mapU[r] * G : nullptr;
+      const T* pu = mapU[r] >= 0 ? preU + mapU[r] * H4 : nullptr;
       const T noise = L.noise != nullptr ? L.noise[r] : T(0);
       if (rs.pos[r] < 0) {  // COPY: no gate work
         std::copy(hr, hr + H, ho);
         std::copy(cr, cr + H, co);
+        // U h's boundary unit, when the saved pre or recompute's z_copy reads it
+        const T uz = L.has_z && (pu != nullptr || L.recompute) ? boundary_uh(L, r) : T(0);
         if (pre_out != nullptr) {  // U h when a z gradient needs it, else zeros the backward never reads
           T* pr = pre_out + r * G;
           if (pu != nullptr) {
-            std::copy(pu, pu + G, pr);
+            std::copy(pu, pu + H4, pr);
+            if (L.has_z) pr[H4] = uz;
           } else {
             std::fill(pr, pr + G, T(0));
           }
         }
-        if (L.has_z)
-          z_out[r] = L.recompute ? boundary_value(recompute_pre(L, r, pu), L.slope, L.mode, noise) : zb;
+        if (L.has_z) z_out[r] = L.recompute ? boundary_value(uz + L.b[H4], L.slope, L.mode, noise) : zb;
         continue;
       }
       T* s = pre_out != nullptr ? pre_out + r * G : sbuf.data();
-      const T* pv = mapV[r] >= 0 ? tV + mapV[r] * G : nullptr;
-      const T* pw = mapW[r] >= 0 ? tW + mapW[r] * G : nullptr;
-      for (int64_t j = 0; j < G; ++j) {
+      const T* pv = mapV[r] >= 0 ? tV + mapV[r] * H4 : nullptr;
+      const T* pw = mapW[r] >= 0 ? tW + mapW[r] * H4 : nullptr;
+      for (int64_t j = 0; j < H4; ++j) {
         T v = pu[j];
         if (pv != nullptr) v += zb * pv[j];
         if (pw != nullptr) v += zu * pw[j];
         s[j] = v;
+      }
+      T uz = 0;
+      if (L.has_z) {
+        uz = boundary_uh(L, r);
+        T v = uz;
+        if (pv != nullptr) v += zb * dot(L.ha + r * L.Ha, L.V + H4 * L.Ha, L.Ha);
+        if (pw != nullptr) v += zu * dot(L.x + r * L.I, L.W + H4 * L.I, L.I);
+        s[H4] = v;
       }
       T mean, rstd;
       gates_from_pre(L, s, gate.data(), mean, rstd);
@@ -294,7 +326,7 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
       if (L.has_z) {
         const T zhat = boundary_value(s[H4] + L.b[H4], L.slope, L.mode, noise);
         T zc = 0;
-        if (keep) zc = L.recompute ? boundary_value(pu[H4] + L.b[H4], L.slope, L.mode, noise) : zb;
+        if (keep) zc = L.recompute ? boundary_value(uz + L.b[H4], L.slope, L.mode, noise) : zb;
         z_out[r] = zb * zhat + (T(1) - zb) * (zu * zhat + (keep ? (T(1) - zu) * zc : T(0)));
       }
     }
@@ -329,9 +361,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
     }
     const std::vector<int64_t>& u_rows = u_all ? all_rows : rs.active;
     at::Tensor preU, tV, tW;
-    if (!u_rows.empty()) preU = rows_matmul(take_rows(in.h, u_rows), in.U, packed_at(packed, 1));
-    if (!rs.td.empty() && in.Ha > 0) tV = rows_matmul(take_rows(in.ha, rs.td), in.V, packed_at(packed, 2));
-    if (!rs.bu.empty() && in.I > 0) tW = rows_matmul(take_rows(in.x, rs.bu), in.W, packed_at(packed, 0));
+    const int64_t H4 = 4 * H;
+    if (!u_rows.empty()) preU = gate_products(take_rows(in.h, u_rows), in.U, H4, packed_at(packed, 1));
+    if (!rs.td.empty() && in.Ha > 0) tV = gate_products(take_rows(in.ha, rs.td), in.V, H4, packed_at(packed, 2));
+    if (!rs.bu.empty() && in.I > 0) tW = gate_products(take_rows(in.x, rs.bu), in.W, H4, packed_at(packed, 0));
     const std::vector<int64_t> none(B, -1);
     forward_rows<T>(L, rs, preU.defined() ? preU.data_ptr<T>() : nullptr, position_map(u_rows, B),
                     tV.defined() ? tV.data_ptr<T>() : nullptr, tV.defined() ? position_map(rs.td, B) : none,
@@ -371,7 +404,7 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       T zc = zb, s_copy = 0;
       const bool need_zc = L.has_z && L.recompute && (wC != T(0) || zgrad);
       if (need_zc) {
-        s_copy = recompute_pre<T>(L, r, nullptr);
+        s_copy = recompute_pre<T>(L, r);
         zc = boundary_value(s_copy, L.slope, L.mode, noise);
       }
       for (int64_t j = 0; j < H; ++j) {

@@ -14,8 +14,9 @@ TORCH_LIBRARY(hmlstm, m) {
   // ((0,) for a layer without boundary row) and `pre` (B, G): the bias-free pre-activations the backward
   // needs, when save is true ((0,) otherwise). boundary_mode: 0 step, 1 sample, 2 soft. dense_copy: the
   // caller wants gradients for z or z_below, so COPY rows also get their recurrent product U h in `pre`.
-  // packed: [] or [W, U, V] (entries may be None) reordered by mkldnn::_reorder_linear_weight, float32
-  // only: the products then use oneDNN's pre-packed weights (a caller packs once per sequence).
+  // packed: [] or [W, U, V] (entries may be None), each weight's first 4H rows (the gates; the boundary
+  // unit's row is a dot) reordered by mkldnn::_reorder_linear_weight, float32 only: the products then use
+  // oneDNN's pre-packed weights (a caller packs once per sequence).
   m.def(
       "cell_fwd(Tensor x, Tensor z_below, Tensor h, Tensor c, Tensor z, Tensor h_above, Tensor W, Tensor U, "
       "Tensor V, Tensor b, Tensor? ln_gates, Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, "

@@ -101,6 +101,10 @@ def test_packed_weights_give_the_plain_products(has_boundary):
     packed = torch.ops.hmlstm.cell_fwd(*args[:15], 0, True, True, True, fwd_packed, False)
     for a, b in zip(packed, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if has_boundary:  # the forward takes the 4H gate rows packed, not the whole (4H + 1)-row weight
+        whole = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 6) for w in (p.W, p.U, p.V)]
+        with pytest.raises(RuntimeError, match="packed weights must hold the 28 gate rows"):
+            torch.ops.hmlstm.cell_fwd(*args[:15], 0, True, True, True, whole, False)
     h, c, z, pre = plain
     g = torch.Generator().manual_seed(3)
     grads = [torch.randn(t.shape, generator=g) for t in (h, c, z)]

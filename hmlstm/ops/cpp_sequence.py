@@ -131,13 +131,15 @@ def _can_pack(x: Tensor) -> bool:
 
 
 def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[list[Optional[Tensor]]]:
-    """Per layer [W, U, V] (or their transposes) in oneDNN's packed layout, for products of `rows` rows."""
-    def one(w: Tensor) -> Optional[Tensor]:
+    """Per layer [W, U, V] in oneDNN's packed layout, for products of `rows` rows: for the forward
+    (cell_fwd) their 4H gate rows, for the backward (cell_bwd) the whole transposes."""
+    def one(w: Tensor, gates: int) -> Optional[Tensor]:
         if w.numel() == 0:
             return None
         w = w.detach()
-        return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if transpose else w.contiguous(), rows)
-    return [[one(p.W), one(p.U), one(p.V)] for p in params]
+        w = w.t().contiguous() if transpose else w[:gates].contiguous()
+        return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    return [[one(p.W, 4 * p.U.shape[1]), one(p.U, 4 * p.U.shape[1]), one(p.V, 4 * p.U.shape[1])] for p in params]
 
 
 def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], h0, c0, z0,
