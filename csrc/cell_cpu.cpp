@@ -82,28 +82,35 @@ inline float tanh_<float>(float v) {
   return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * v));
 }
 
-// Eight partial sums, so that GCC vectorizes the loop without -ffast-math (one running sum is a chain of
-// dependent adds, 4 cycles an element).
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// sum_{j < n} f(j), accumulated in A over eight lanes. Why: a single running sum is a chain of dependent adds
+// (about 4 cycles an element) that GCC does not vectorize without -ffast-math; eight independent sums it does.
+// The row kernels' reductions (layer norm statistics and backward, the boundary gradients' inner products)
+// were most of their time with layer norm on.
+template <typename A, typename F>
+inline A sum8(int64_t n, F f) {
+  A acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += a[j + k] * b[j + k];
+    for (int k = 0; k < 8; ++k) acc[k] += f(j + k);
   }
-  T s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; j < n; ++j) s += a[j] * b[j];
+  A s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += f(j);
   return s;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  return sum8<T>(n, [&](int64_t j) { return a[j] * b[j]; });
 }
 
 // Mean and 1/sqrt(var + eps) of v[0:n] (biased variance, as F.layer_norm), accumulated in double.
 template <typename T>
 inline void ln_stats(const T* v, int64_t n, T& mean, T& rstd) {
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += v[j];
-  const double m = s / n;
-  double q = 0;
-  for (int64_t j = 0; j < n; ++j) q += (v[j] - m) * (v[j] - m);
+  const double m = sum8<double>(n, [&](int64_t j) { return double(v[j]); }) / n;
+  const double q = sum8<double>(n, [&](int64_t j) {
+    const double d = v[j] - m;
+    return d * d;
+  });
   mean = T(m);
   rstd = T(1.0 / std::sqrt(q / n + kLnEps));
 }
@@ -111,11 +118,8 @@ inline void ln_stats(const T* v, int64_t n, T& mean, T& rstd) {
 // Row-local part of the LN backward: dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)).
 template <typename T>
 inline void ln_backward(const T* dxh, const T* xh, T rstd, int64_t n, T* dx) {
-  double s1 = 0, s2 = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    s1 += dxh[j];
-    s2 += dxh[j] * xh[j];
-  }
+  const double s1 = sum8<double>(n, [&](int64_t j) { return double(dxh[j]); });
+  const double s2 = sum8<double>(n, [&](int64_t j) { return double(dxh[j]) * xh[j]; });
   const T m1 = T(s1 / n), m2 = T(s2 / n);
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dxh[j] - m1 - xh[j] * m2);
 }
@@ -437,13 +441,12 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       }
       if (zgrad) {
         // d/dz_{t-1} and d/dz_below of the dense selection (PAPER.md, the reference gradient)
-        T acc_b = 0, acc_u = 0;
-        for (int64_t j = 0; j < H; ++j) {
+        T acc_b = sum8<T>(H, [&](int64_t j) {
           const T hf = og[j] * af[j], hu = og[j] * au[j];
-          acc_b += dc[j] * (cf[j] - (zu * cu[j] + (T(1) - zu) * cr[j])) +
-                   dh[j] * (hf - (zu * hu + (T(1) - zu) * hr[j]));
-          acc_u += dc[j] * (cu[j] - cr[j]) + dh[j] * (hu - hr[j]);
-        }
+          return dc[j] * (cf[j] - (zu * cu[j] + (T(1) - zu) * cr[j])) +
+                 dh[j] * (hf - (zu * hu + (T(1) - zu) * hr[j]));
+        });
+        T acc_u = sum8<T>(H, [&](int64_t j) { return dc[j] * (cu[j] - cr[j]) + dh[j] * (og[j] * au[j] - hr[j]); });
         if (L.has_z) {
           acc_b += dz * (zhat - (zu * zhat + (T(1) - zu) * zc));
           if (!L.recompute) acc_b += dz * wC;  // hold: z_copy is z_{t-1} itself
