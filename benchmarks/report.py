@@ -23,7 +23,8 @@ def tables(data: dict) -> str:
     h = data["header"]
     lines = [f"Device: **{h.get('device')}**; torch {h.get('torch')}, triton {h.get('triton')}"
              + (f", CUDA {h['cuda']}, cuDNN {h.get('cudnn')}, driver {h.get('driver')}" if h.get("cuda") else "")
-             + f"; {h.get('threads')} threads; {h.get('date')}.", "",
+             + f"; {h.get('threads')} threads; {h.get('date')}"
+             + (f"; hmlstm at commit {h['git']}" if h.get("git") else "") + ".", "",
              f"Command: `{h.get('command')}`", ""]
     by_suite = defaultdict(list)
     for r in data["records"]:

@@ -102,6 +102,7 @@ def header(device: torch.device) -> dict:
         "backends": hmlstm.available_backends(device),
         # CPU timings are only comparable on a quiet machine: the 1/5/15-minute load when the run started
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git": git_commit(),
     }
     try:
         import triton
@@ -122,6 +123,21 @@ def header(device: torch.device) -> dict:
         h["device"] = cpu_name()
         h["onednn"] = torch.backends.mkldnn.is_available()
     return h
+
+
+def git_commit() -> Optional[str]:
+    """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=20)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 def cpu_name() -> str:

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (tiny sizes: no timing is asserted) and forces boundary rates."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,9 @@ def test_run_and_report_end_to_end(tmp_path):
            "--providers", "hmlstm-reference", "lstm", "hmlstm-not-a-backend", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     data = json.loads(out.read_text())
-    assert {"device", "torch", "date", "triton"} <= data["header"].keys()
+    assert {"device", "torch", "date", "triton", "git"} <= data["header"].keys()
+    if (ROOT / ".git").exists():  # the results say which code they measured
+        assert re.fullmatch(r"[0-9a-f]{4,40}(\+changes)?", data["header"]["git"]), data["header"]["git"]
     recs = data["records"]
     ok = [r for r in recs if r["provider"] == "hmlstm-reference"]
     assert len(ok) == 6 and all(r["median_s"] > 0 and r["chars_per_s"] > 0 for r in ok)
