@@ -126,14 +126,16 @@ def header(device: torch.device) -> dict:
 
 
 def git_commit() -> Optional[str]:
-    """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    """The checkout's commit, with "+changes" when tracked files other than benchmarks/results (earlier runs'
+    output) differ from it; None outside a git checkout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=20)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
