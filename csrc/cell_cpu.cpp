@@ -84,8 +84,8 @@ inline float tanh_<float>(float v) {
 
 // sum_{j < n} f(j), accumulated in A over eight lanes. Why: a single running sum is a chain of dependent adds
 // (about 4 cycles an element) that GCC does not vectorize without -ffast-math; eight independent sums it does.
-// The row kernels' reductions (layer norm statistics and backward, the boundary gradients' inner products)
-// were most of their time with layer norm on.
+// Used for the layer norm statistics and backward, the boundary gradients' inner products and dot: with layer
+// norm on, the PTB-size training step went from 1922 to 1855 ms (2 cores, interleaved runs).
 template <typename A, typename F>
 inline A sum8(int64_t n, F f) {
   A acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
