@@ -139,7 +139,7 @@ def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[lis
         w = w.detach()
         w = w.t().contiguous() if transpose else w[:gates].contiguous()
         return torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    return [[one(p.W, 4 * p.U.shape[1]), one(p.U, 4 * p.U.shape[1]), one(p.V, 4 * p.U.shape[1])] for p in params]
+    return [[one(w, 4 * p.U.shape[1]) for w in (p.W, p.U, p.V)] for p in params]
 
 
 def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], h0, c0, z0,
