@@ -337,6 +337,39 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
   });
 }
 
+// One layer-step into outputs the caller owns: h_out, c_out (B, H), z_out (B,) (layers with a boundary) and,
+// when save, pre (B, G); all contiguous. packed[off + 0..2]: W, U, V (see rows_matmul).
+void forward_step(const Inputs& in, int64_t boundary_mode, bool recompute, const at::Tensor& slope, bool save,
+                  bool dense_copy, const std::vector<std::optional<at::Tensor>>& packed, size_t off,
+                  const at::Tensor& h_out, const at::Tensor& c_out, const at::Tensor& z_out, const at::Tensor& pre) {
+  const int64_t B = in.B, H = in.H;
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_fwd_cpu", [&] {
+    using T = scalar_t;
+    const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
+    const Rows rs = classify(L.zb, L.zu, B);
+    // U h: the active rows, and with dense_copy every row (one GEMM without a gather).
+    std::vector<int64_t> all_rows;
+    const bool u_all = save && dense_copy;
+    if (u_all) {
+      all_rows.resize(B);
+      for (int64_t r = 0; r < B; ++r) all_rows[r] = r;
+    }
+    const std::vector<int64_t>& u_rows = u_all ? all_rows : rs.active;
+    at::Tensor preU, tV, tW;
+    const int64_t H4 = 4 * H;
+    if (!u_rows.empty()) preU = gate_products(take_rows(in.h, u_rows), in.U, H4, packed_at(packed, off + 1));
+    if (!rs.td.empty() && in.Ha > 0)
+      tV = gate_products(take_rows(in.ha, rs.td), in.V, H4, packed_at(packed, off + 2));
+    if (!rs.bu.empty() && in.I > 0) tW = gate_products(take_rows(in.x, rs.bu), in.W, H4, packed_at(packed, off));
+    const std::vector<int64_t> none(B, -1);
+    forward_rows<T>(L, rs, preU.defined() ? preU.data_ptr<T>() : nullptr, position_map(u_rows, B),
+                    tV.defined() ? tV.data_ptr<T>() : nullptr, tV.defined() ? position_map(rs.td, B) : none,
+                    tW.defined() ? tW.data_ptr<T>() : nullptr, tW.defined() ? position_map(rs.bu, B) : none,
+                    save ? pre.data_ptr<T>() : nullptr, h_out.data_ptr<T>(), c_out.data_ptr<T>(),
+                    in.has_z ? z_out.data_ptr<T>() : nullptr);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
     const at::Tensor& x, const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
     const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, const at::Tensor& b,
@@ -352,31 +385,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
   at::Tensor z_out = new_output({in.has_z ? B : 0}, opts, poison);
   at::Tensor pre = new_output({save ? B : 0, G}, opts, poison);
   if (!save) pre = pre.view({0});
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "hmlstm_cell_fwd_cpu", [&] {
-    using T = scalar_t;
-    const Cell<T> L = in.view<T>(boundary_mode, recompute, slope);
-    const Rows rs = classify(L.zb, L.zu, B);
-    // U h: the active rows, and with dense_copy every row (one GEMM without a gather).
-    std::vector<int64_t> all_rows;
-    const bool u_all = save && dense_copy;
-    if (u_all) {
-      all_rows.resize(B);
-      for (int64_t r = 0; r < B; ++r) all_rows[r] = r;
-    }
-    const std::vector<int64_t>& u_rows = u_all ? all_rows : rs.active;
-    at::Tensor preU, tV, tW;
-    const int64_t H4 = 4 * H;
-    if (!u_rows.empty()) preU = gate_products(take_rows(in.h, u_rows), in.U, H4, packed_at(packed, 1));
-    if (!rs.td.empty() && in.Ha > 0) tV = gate_products(take_rows(in.ha, rs.td), in.V, H4, packed_at(packed, 2));
-    if (!rs.bu.empty() && in.I > 0) tW = gate_products(take_rows(in.x, rs.bu), in.W, H4, packed_at(packed, 0));
-    const std::vector<int64_t> none(B, -1);
-    forward_rows<T>(L, rs, preU.defined() ? preU.data_ptr<T>() : nullptr, position_map(u_rows, B),
-                    tV.defined() ? tV.data_ptr<T>() : nullptr, tV.defined() ? position_map(rs.td, B) : none,
-                    tW.defined() ? tW.data_ptr<T>() : nullptr, tW.defined() ? position_map(rs.bu, B) : none,
-                    save ? pre.data_ptr<T>() : nullptr, h_out.data_ptr<T>(), c_out.data_ptr<T>(),
-                    in.has_z ? z_out.data_ptr<T>() : nullptr);
-  });
+  forward_step(in, boundary_mode, recompute, slope, save, dense_copy, packed, 0, h_out, c_out, z_out, pre);
   return {h_out, c_out, z_out, pre};
+}
+
+using TensorVec = std::vector<at::Tensor>;
+using OptTensorVec = std::vector<std::optional<at::Tensor>>;
+
+// L layers over T steps (hmlstm.sequence.stepwise_forward's loop) into (T, B, .) buffers allocated once.
+// Why: with the loop in Python, the per-step outputs were stacked afterwards (a copy of every h, c and z)
+// and each of the T * L steps paid the interpreter and a fresh allocation per output.
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> seq_fwd_cpu(
+    const at::Tensor& x, const TensorVec& h0, const TensorVec& c0, const TensorVec& z0, const TensorVec& W,
+    const TensorVec& U, const TensorVec& V, const TensorVec& b, const OptTensorVec& ln_gates,
+    const OptTensorVec& ln_cell_w, const OptTensorVec& ln_cell_b, const at::Tensor& slope,
+    const std::optional<at::Tensor>& noise, int64_t boundary_mode, bool recompute, bool save, bool dense_copy,
+    const OptTensorVec& packed, bool poison) {
+  const size_t L = h0.size();
+  TORCH_CHECK(L >= 1, "hmlstm::seq_fwd: h0 must hold one (B, H) tensor per layer, got an empty list");
+  TORCH_CHECK(c0.size() == L && W.size() == L && U.size() == L && V.size() == L && b.size() == L &&
+                  ln_gates.size() == L && ln_cell_w.size() == L && ln_cell_b.size() == L,
+              "hmlstm::seq_fwd: c0, W, U, V, b, ln_gates, ln_cell_w and ln_cell_b must have one entry per layer (",
+              L, " from h0), got ", c0.size(), ", ", W.size(), ", ", U.size(), ", ", V.size(), ", ", b.size(), ", ",
+              ln_gates.size(), ", ", ln_cell_w.size(), ", ", ln_cell_b.size());
+  TORCH_CHECK(z0.size() == L - 1, "hmlstm::seq_fwd: z0 must have L - 1 = ", L - 1, " entries, got ", z0.size());
+  TORCH_CHECK(packed.empty() || packed.size() == 3 * L, "hmlstm::seq_fwd: packed must be [] or 3 per layer ([W, U, V]",
+              " of each), i.e. ", 3 * L, " entries, got ", packed.size());
+  TORCH_CHECK(x.dim() == 3, "hmlstm::seq_fwd: x must be (T, B, I) (time first), got ", x.sizes());
+  const int64_t T = x.size(0), B = x.size(1);
+  const bool sample = boundary_mode == kSample && L > 1;
+  if (sample) {
+    TORCH_CHECK(noise.has_value() && noise->dim() == 3 && noise->size(0) == T && noise->size(1) == int64_t(L - 1) &&
+                    noise->size(2) == B,
+                "hmlstm::seq_fwd: boundary_mode 1 (sample) needs noise of shape (T, L - 1, B) = (", T, ", ", L - 1,
+                ", ", B, "), got ", noise.has_value() ? noise->sizes() : at::IntArrayRef{});
+  }
+  const auto opts = x.options();
+  // Slot 0 of hs, cs, zs holds the initial state, slot t + 1 step t: h_{t-1} is hs[t] for every t, and a span
+  // of steps' inputs is one view (the backward's weight-gradient GEMMs read them so).
+  TensorVec hs(L), cs(L), zs(L - 1), pres(L);
+  for (size_t l = 0; l < L; ++l) {
+    checked(h0[l], "h0", 2, x);
+    checked(c0[l], "c0", 2, x);
+    TORCH_CHECK(h0[l].size(0) == B && c0[l].sizes() == h0[l].sizes(), "hmlstm::seq_fwd: h0[", l,
+                "] and c0[", l, "] must be (B, H) with B = ", B, " (from x), got ", h0[l].sizes(), " and ", c0[l].sizes());
+    const int64_t H = h0[l].size(1);
+    hs[l] = new_output({T + 1, B, H}, opts, poison);
+    cs[l] = new_output({T + 1, B, H}, opts, poison);
+    hs[l].select(0, 0).copy_(h0[l]);
+    cs[l].select(0, 0).copy_(c0[l]);
+    if (l + 1 < L) {
+      checked(z0[l], "z0", 1, x);
+      TORCH_CHECK(z0[l].size(0) == B, "hmlstm::seq_fwd: z0[", l, "] must be (B,) with B = ", B,
+                  ", got ", z0[l].sizes());
+      zs[l] = new_output({T + 1, B}, opts, poison);
+      zs[l].select(0, 0).copy_(z0[l]);
+    }
+    pres[l] = save ? new_output({T, B, U[l].size(0)}, opts, poison) : at::empty({0}, opts);
+  }
+  const at::Tensor ones = at::ones({B}, opts), zeros = at::zeros({B}, opts), empty = at::empty({0}, opts);
+  const at::Tensor no_above = at::empty({B, 0}, opts);
+  const bool any_packed = !packed.empty();
+  for (int64_t t = 0; t < T; ++t) {
+    at::Tensor below = x.select(0, t), z_below = ones;
+    for (size_t l = 0; l < L; ++l) {
+      const bool top = l + 1 == L;
+      const at::Tensor ha = top ? no_above : hs[l + 1].select(0, t);
+      std::optional<at::Tensor> n;
+      if (sample && !top) n = noise->select(0, t).select(0, l);
+      const Inputs in(below, z_below, hs[l].select(0, t), cs[l].select(0, t), top ? zeros : zs[l].select(0, t), ha,
+                      W[l], U[l], V[l], b[l], ln_gates[l], ln_cell_w[l], ln_cell_b[l], n, boundary_mode);
+      const at::Tensor h_t = hs[l].select(0, t + 1), c_t = cs[l].select(0, t + 1);
+      const at::Tensor z_t = top ? empty : zs[l].select(0, t + 1);
+      const at::Tensor pre = save ? pres[l].select(0, t) : empty;
+      forward_step(in, boundary_mode, recompute, slope, save, dense_copy, packed, any_packed ? 3 * l : packed.size(),
+                   h_t, c_t, z_t, pre);
+      below = h_t;
+      z_below = top ? ones : z_t;
+    }
+  }
+  return {hs, cs, zs, pres};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -616,12 +704,14 @@ std::vector<at::Tensor> cell_bwd_cpu(
 TORCH_LIBRARY_IMPL(hmlstm, CPU, m) {
   m.impl("cell_fwd", &cell_fwd_cpu);
   m.impl("cell_bwd", &cell_bwd_cpu);
+  m.impl("seq_fwd", &seq_fwd_cpu);
 }
 
 // A call with oneDNN-packed weights in `packed` dispatches on the MkldnnCPU key: the same kernels.
 TORCH_LIBRARY_IMPL(hmlstm, MkldnnCPU, m) {
   m.impl("cell_fwd", &cell_fwd_cpu);
   m.impl("cell_bwd", &cell_bwd_cpu);
+  m.impl("seq_fwd", &seq_fwd_cpu);
 }
 
 }  // namespace hmlstm

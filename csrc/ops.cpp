@@ -1,6 +1,6 @@
 // The op schemas of the fused HM-LSTM layer-step, declared once for every device.
 //
-// Kernels: cell_cpu.cpp (CPU). A CUDA kernel would add a .cu with TORCH_LIBRARY_IMPL(hmlstm, CUDA, m).
+// Kernels: cell_cpu.cpp (CPU: all three), cell_cuda.cu (CUDA: cell_fwd and cell_bwd).
 // Fake (shape-only) kernels and the autograd formula are registered in Python (hmlstm/ops/cpp.py).
 //
 // The Triton backend adds Python ops to the same namespace (hmlstm::triton_*) as a torch.library
@@ -36,6 +36,18 @@ TORCH_LIBRARY(hmlstm, m) {
       "Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, Tensor? noise, Tensor pre, int boundary_mode, "
       "bool recompute, bool dense_copy, bool[13] output_mask, bool return_ds, Tensor?[] packed, bool poison) "
       "-> Tensor[]");
+  // cell_fwd over a whole sequence: L layers, T steps, bottom to top within a step (the loop of
+  // hmlstm.sequence.stepwise_forward), writing into buffers allocated once. Not differentiable by itself:
+  // hmlstm/ops/cpp_sequence.py wraps it in an autograd.Function whose backward calls cell_bwd per step.
+  // x: (T, B, I) time first; h0, c0: L x (B, H_l); z0: L-1 x (B,); W, U, V, b, ln_*: one per layer (the
+  // top layer's V is (4H, 0)); noise: (T, L-1, B) for boundary_mode 1; packed: [] or [W, U, V] per layer
+  // as for cell_fwd. Returns hs, cs: L x (T + 1, B, H_l) and zs: L-1 x (T + 1, B), whose slot 0 is the
+  // initial state and slot t + 1 step t's output; pres: L x (T, B, G_l) when save, else L x (0,).
+  m.def(
+      "seq_fwd(Tensor x, Tensor[] h0, Tensor[] c0, Tensor[] z0, Tensor[] W, Tensor[] U, Tensor[] V, Tensor[] b, "
+      "Tensor?[] ln_gates, Tensor?[] ln_cell_w, Tensor?[] ln_cell_b, Tensor slope, Tensor? noise, "
+      "int boundary_mode, bool recompute, bool save, bool dense_copy, Tensor?[] packed, bool poison) "
+      "-> (Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 // `import hmlstm._C` only has to load this library so that the registrations above run; the module

@@ -116,6 +116,106 @@ def test_packed_weights_give_the_plain_products(has_boundary):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _seq_args(dtype, mode, recompute, layer_norm, packed, seed=0, B=6, T=5, I=4, sizes=(9, 7, 5)):
+    """Random inputs of hmlstm::seq_fwd (x time first) with boundaries that mix COPY, UPDATE and FLUSH rows."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    L = len(sizes)
+    params = []
+    for l, H in enumerate(sizes):
+        G = 4 * H + int(l < L - 1)
+        below, above = (I if l == 0 else sizes[l - 1]), (sizes[l + 1] if l < L - 1 else 0)
+        ln = (rnd(4 * H), rnd(H), rnd(H)) if layer_norm else (None, None, None)
+        params.append(LayerParams(rnd(G, below), rnd(G, H), rnd(G, above), rnd(G), *ln))
+    h0, c0 = [rnd(B, H) for H in sizes], [rnd(B, H) for H in sizes]
+    z0 = [(torch.rand(B, generator=g) < 0.5).to(dtype) for _ in sizes[:-1]]
+    noise = torch.rand(T, L - 1, B, generator=g, dtype=dtype) if mode == 1 else None
+    pk = []
+    if packed:
+        from hmlstm.ops.cpp_sequence import _pack
+        pk = [w for layer in _pack(params, B, False) for w in layer]
+    fields = [[p[k] for p in params] for k in range(len(LayerParams._fields))]
+    slope = torch.tensor(1.5, dtype=dtype)
+    return [rnd(T, B, I), h0, c0, z0, *fields, slope, noise, mode, recompute], pk, params
+
+
+SEQ = [pytest.param(dt, mode, rc, ln, pk, id=f"{str(dt)[6:]}-mode{mode}-{'recompute' if rc else 'hold'}"
+                    f"-{'ln' if ln else 'noln'}{'-packed' if pk else ''}")
+       for dt, mode, rc, ln, pk in [(F64, 0, False, False, False), (F64, 1, True, True, False),
+                                    (F64, 2, False, True, False), (F32, 0, True, False, True),
+                                    (F32, 1, False, True, True)]]
+
+
+@pytest.mark.parametrize("dtype,mode,recompute,layer_norm,packed", SEQ)
+@pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
+def test_seq_fwd_equals_the_per_step_op(dtype, mode, recompute, layer_norm, packed, save):
+    """hmlstm::seq_fwd's buffers hold exactly what cell_fwd gives step by step (NaN-poisoned outputs)."""
+    args, pk, params = _seq_args(dtype, mode, recompute, layer_norm, packed)
+    x, h0, c0, z0 = args[:4]
+    slope, noise = args[11], args[12]
+    hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(*args, save, save, pk, True)
+    T, B, _ = x.shape
+    L = len(h0)
+    h, c, z = list(h0), list(c0), list(z0) + [x.new_zeros(B)]
+    for l in range(L):  # slot 0: the initial state
+        assert torch.equal(hs[l][0], h0[l]) and torch.equal(cs[l][0], c0[l])
+        if l < L - 1:
+            assert torch.equal(zs[l][0], z0[l])
+    for t in range(T):
+        below, z_below = x[t], x.new_ones(B)
+        for l, p in enumerate(params):
+            top = l == L - 1
+            n = noise[t, l] if (noise is not None and not top) else None
+            outs = torch.ops.hmlstm.cell_fwd(below, z_below, h[l], c[l], z[l], x.new_zeros(B, 0) if top else h[l + 1],
+                                             *p, slope, n, mode, recompute, save, save, pk[3 * l:3 * l + 3], True)
+            h[l], c[l] = outs[0], outs[1]
+            assert torch.equal(hs[l][t + 1], h[l]) and torch.equal(cs[l][t + 1], c[l]), (t, l)
+            if not top:
+                z[l] = outs[2]
+                assert torch.equal(zs[l][t + 1], z[l]), (t, l)
+            if save:
+                assert torch.equal(pres[l][t], outs[3]), (t, l)
+            else:
+                assert pres[l].numel() == 0
+            below, z_below = h[l], (z[l] if not top else x.new_ones(B))
+    assert not any(torch.isnan(t).any() for t in (*hs, *cs, *zs, *(pres if save else [])))
+
+
+@pytest.mark.parametrize("dtype,mode,recompute,layer_norm,packed", [p for p in SEQ if not p.values[4]])
+def test_opcheck_seq_fwd(dtype, mode, recompute, layer_norm, packed):
+    args, _, _ = _seq_args(dtype, mode, recompute, layer_norm, False, B=3, T=2)
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.hmlstm.seq_fwd.default, (*args, save, save, [], False))
+
+
+def test_seq_fwd_names_the_bad_argument():
+    args, _, _ = _seq_args(F64, 1, False, False, False)
+    with pytest.raises(RuntimeError, match=r"packed must be \[\] or 3 per layer"):
+        torch.ops.hmlstm.seq_fwd(*args, True, True, [None] * 4, False)
+    bad = list(args)
+    bad[12] = args[12][:, :1]
+    with pytest.raises(RuntimeError, match=r"noise of shape \(T, L - 1, B\) = \(5, 2, 6\)"):
+        torch.ops.hmlstm.seq_fwd(*bad, True, True, [], False)
+    bad = list(args)
+    bad[1] = [args[1][0][:2], *args[1][1:]]
+    with pytest.raises(RuntimeError, match=r"h0\[0\] and c0\[0\] must be \(B, H\) with B = 6"):
+        torch.ops.hmlstm.seq_fwd(*bad, True, True, [], False)
+    bad = list(args)
+    bad[3] = args[3][:1]
+    with pytest.raises(RuntimeError, match="z0 must have L - 1 = 2 entries"):
+        torch.ops.hmlstm.seq_fwd(*bad, True, True, [], False)
+
+
+def test_sequence_outputs_are_views_that_refuse_in_place_edits():
+    """The (B, T, H) outputs are views of the buffers the backward reads (as nn.LSTM's batch_first output is a
+    view); editing one in place would corrupt the gradient, so autograd refuses it."""
+    model = HMLSTM(5, (6, 4), backend="cpp").to(F64)
+    out = model(torch.randn(2, 3, 5, dtype=F64))
+    assert out.h[0].shape == (2, 3, 6) and not out.h[0].is_contiguous()
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        out.h[0].add_(1.0)
+
+
 @pytest.mark.parametrize("case", _params([FLOAT32[1]]))
 def test_sequence_without_packed_weights(case, monkeypatch):
     from hmlstm.ops import cpp_sequence

@@ -78,6 +78,17 @@ if _IMPORT_ERROR is None:
         extra = [x.new_empty(B, G), x.new_empty(B)] if return_ds else [x.new_empty(0), x.new_empty(0)]
         return grads + extra
 
+    # Why: opcheck (and any tracer) needs seq_fwd's output shapes without running the loop.
+    @torch.library.register_fake("hmlstm::seq_fwd")
+    def _seq_fwd_fake(x, h0, c0, z0, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise, boundary_mode,
+                      recompute, save, dense_copy, packed, poison):
+        T, B, _ = x.shape
+        hs = [x.new_empty(T + 1, B, h.shape[1]) for h in h0]
+        cs = [x.new_empty(T + 1, B, h.shape[1]) for h in h0]
+        zs = [x.new_empty(T + 1, B) for _ in z0]
+        pres = [x.new_empty(T, B, u.shape[0]) if save else x.new_empty(0) for u in U]
+        return hs, cs, zs, pres
+
     def _setup_context(ctx, inputs, output):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
          boundary_mode, recompute, save, dense_copy, packed, poison) = inputs

@@ -12,7 +12,8 @@ steps (PAPER.md's dense straight-through gradient, as in `hmlstm.reference`):
     dW = sum_t (z_t^{l-1} ds_t)^T h_t^{l-1}         over the rows with z_t^{l-1} != 0
 
 gathered in chunks of at most CHUNK_ROWS rows, so that memory stays bounded on long sequences.
-The forward is the per-step op (`hmlstm::cell_fwd`) in the same loop as `hmlstm.sequence.stepwise_forward`.
+The forward is `hmlstm::seq_fwd`: the loop of `hmlstm.sequence.stepwise_forward` in C++, over `hmlstm::cell_fwd`'s
+kernels, into (T + 1, B, .) buffers that the backward reads its step inputs from.
 
 In float32, the weights are reordered once per sequence into oneDNN's packed layout (and their transposes
 once per backward), and every per-step product uses them (`packed` argument of the ops; see `rows_matmul` in
@@ -58,50 +59,71 @@ def _split(spec: _Spec, flat: Sequence[Optional[Tensor]]):
 
 
 class _StepInputs:
-    """The inputs of layer-step (l, t), read back from the forward's per-step outputs."""
+    """The inputs of layer-step (l, t), read back from `hmlstm::seq_fwd`'s buffers: hs, cs L x (T+1, B, H_l),
+    zs L-1 x (T+1, B), whose slot 0 is the initial state and slot t + 1 step t's output."""
 
-    def __init__(self, x_t: Tensor, h0, c0, z0, hs, cs, zs, noise_t: Optional[Tensor]):
-        self.x_t, self.h0, self.c0, self.z0 = x_t, h0, c0, z0
-        self.hs, self.cs, self.zs, self.noise_t = hs, cs, zs, noise_t
-        self.L = len(h0)
+    def __init__(self, x_t: Tensor, hs, cs, zs, noise_t: Optional[Tensor]):
+        self.x_t, self.hs, self.cs, self.zs, self.noise_t = x_t, hs, cs, zs, noise_t
+        self.L = len(hs)
         B = x_t.shape[1]
         self.ones = x_t.new_ones(B)
         self.zeros = x_t.new_zeros(B)
         self.no_above = x_t.new_zeros(B, 0)
 
     def __call__(self, l: int, t: int):
-        L = self.L
-        below = self.x_t[t] if l == 0 else self.hs[l - 1][t]
-        z_below = self.ones if l == 0 else self.zs[l - 1][t]
-        h = self.h0[l] if t == 0 else self.hs[l][t - 1]
-        c = self.c0[l] if t == 0 else self.cs[l][t - 1]
-        z = self.zeros if l == L - 1 else (self.z0[l] if t == 0 else self.zs[l][t - 1])
-        h_above = self.no_above if l == L - 1 else (self.h0[l + 1] if t == 0 else self.hs[l + 1][t - 1])
-        noise = self.noise_t[t, l] if (self.noise_t is not None and l < L - 1) else None
-        return below, z_below, h, c, z, h_above, noise
+        top = l == self.L - 1
+        below = self.x_t[t] if l == 0 else self.hs[l - 1][t + 1]
+        z_below = self.ones if l == 0 else self.zs[l - 1][t + 1]
+        z = self.zeros if top else self.zs[l][t]
+        h_above = self.no_above if top else self.hs[l + 1][t]
+        noise = self.noise_t[t, l] if (self.noise_t is not None and not top) else None
+        return below, z_below, self.hs[l][t], self.cs[l][t], z, h_above, noise
+
+    def span(self, l: int, t0: int, t1: int):
+        """below, z_below, h, z, h_above of layer l over steps t0..t1-1, as ((t1 - t0) B, .) views."""
+        flat = lambda a: a[t0 + 1:t1 + 1].flatten(0, 1) if a.dim() == 3 else a[t0 + 1:t1 + 1].flatten()  # noqa: E731
+        prev = lambda a: a[t0:t1].flatten(0, 1) if a.dim() == 3 else a[t0:t1].flatten()  # noqa: E731
+        n = (t1 - t0) * self.x_t.shape[1]
+        top = l == self.L - 1
+        below = self.x_t[t0:t1].flatten(0, 1) if l == 0 else flat(self.hs[l - 1])
+        z_below = self.x_t.new_ones(n) if l == 0 else flat(self.zs[l - 1])
+        z = self.x_t.new_zeros(n) if top else prev(self.zs[l])
+        h_above = self.x_t.new_zeros(n, 0) if top else prev(self.hs[l + 1])
+        return below, z_below, prev(self.hs[l]), z, h_above
 
 
 class _WeightGrads:
-    """Accumulates one layer's dW, dU, dV over the steps of the backward, one GEMM per chunk."""
+    """Accumulates one layer's dW, dU, dV over the steps of the backward, one GEMM per chunk of steps.
 
-    def __init__(self, p: LayerParams, recompute: bool, has_z: bool):
+    Step t's ds overwrites `pre[t]` (the forward's (T, B, G) buffer), which the backward has read by then: the
+    GEMMs' operands are views over the chunk's steps, with no concatenation (which cost a fresh 52 MB copy per
+    layer at PTB size, 49 ms of a 1.6 s training step).
+    """
+
+    def __init__(self, p: LayerParams, recompute: bool, l: int, inputs: _StepInputs, pre: Tensor):
         self.dW, self.dU, self.dV = (torch.zeros_like(w) for w in (p.W, p.U, p.V))
-        self.recompute_row = 4 * p.U.shape[1] if (recompute and has_z) else None
-        self.items: list[tuple[Tensor, ...]] = []
+        self.recompute_row = 4 * p.U.shape[1] if (recompute and l < inputs.L - 1) else None
+        self.l, self.inputs, self.ds = l, inputs, pre
+        self.ds_copy: list[Tensor] = []  # of steps t_low + len - 1, ..., t_low
+        self.t_low = 0
         self.rows = 0
 
-    def add(self, ds: Tensor, ds_copy: Tensor, below: Tensor, z_below: Tensor, h: Tensor, z: Tensor,
-            h_above: Tensor) -> None:
-        self.items.append((ds, ds_copy, below, z_below, h, z, h_above))
+    def add(self, t: int, ds: Tensor, ds_copy: Tensor) -> None:
+        """ds (B, G), ds_copy (B,) of step t; the backward adds the steps in decreasing order."""
+        self.ds[t].copy_(ds)
+        self.ds_copy.append(ds_copy)
+        self.t_low = t
         self.rows += ds.shape[0]
         if self.rows >= CHUNK_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        if not self.items:
+        if not self.ds_copy:
             return
-        ds, ds_copy, below, z_below, h, z, h_above = (torch.cat(col) for col in zip(*self.items))
-        self.items, self.rows = [], 0
+        t0, t1 = self.t_low, self.t_low + len(self.ds_copy)
+        ds, ds_copy = self.ds[t0:t1].flatten(0, 1), torch.cat(self.ds_copy[::-1])  # in increasing t, as the views
+        self.ds_copy, self.rows = [], 0
+        below, z_below, h, z, h_above = self.inputs.span(self.l, t0, t1)
         _gated_outer(self.dU, ds, h, (z != 0) | (z_below != 0), None)
         if self.dV.shape[1] > 0:
             _gated_outer(self.dV, ds, h_above, z != 0, z)
@@ -144,37 +166,25 @@ def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[lis
 
 def _forward_loop(spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], h0, c0, z0,
                   params: Sequence[LayerParams], save: bool):
-    """The time loop; returns its step-input reader (whose hs, cs, zs hold every step's outputs), the
-    per-layer lists of `pre` (when save) and whether COPY rows kept U h."""
-    L, T = spec.L, x.shape[1]
+    """The time loop (`hmlstm::seq_fwd`, in C++); returns its step-input reader (which holds every step's
+    outputs), the L (T, B, G_l) `pre` (when save) and whether COPY rows kept U h."""
+    L = spec.L
     x_t = x.transpose(0, 1).contiguous()  # (T, B, I): each step's rows contiguous
     noise_t = noise.permute(1, 2, 0).contiguous() if noise is not None else None  # (T, L-1, B)
-    packed = _pack(params, x.shape[0], False) if _can_pack(x) else [[] for _ in range(L)]
-    hs: list[list[Tensor]] = [[] for _ in range(L)]
-    cs: list[list[Tensor]] = [[] for _ in range(L)]
-    zs: list[list[Tensor]] = [[] for _ in range(L - 1)]
-    pres: list[list[Tensor]] = [[] for _ in range(L)]
-    inputs = _StepInputs(x_t, h0, c0, z0, hs, cs, zs, noise_t)
+    packed = [w for layer in _pack(params, x.shape[0], False) for w in layer] if _can_pack(x) else []
     dense_copy = save and L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
-    for t in range(T):
-        for l in range(L):
-            below, z_below, h, c, z, h_above, n = inputs(l, t)
-            p = params[l]
-            h_t, c_t, z_t, pre = torch.ops.hmlstm.cell_fwd(
-                below, z_below, h, c, z, h_above, p.W, p.U, p.V, p.b, p.ln_gates, p.ln_cell_w,
-                p.ln_cell_b, slope, n, spec.mode, spec.recompute, save, dense_copy, packed[l], spec.poison)
-            hs[l].append(h_t)
-            cs[l].append(c_t)
-            if save:
-                pres[l].append(pre)
-            if l < L - 1:
-                zs[l].append(z_t)
-    return inputs, pres, dense_copy
+    field = lambda k: [p[k] for p in params]  # noqa: E731
+    hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(
+        x_t, list(h0), list(c0), list(z0), *(field(k) for k in range(_N_PARAMS)), slope, noise_t, spec.mode,
+        spec.recompute, save, dense_copy, packed, spec.poison)
+    return _StepInputs(x_t, hs, cs, zs, noise_t), pres, dense_copy
 
 
 def _outputs(hs, cs, zs, clone_final: bool) -> list[Tensor]:
+    """(B, T, .) views of steps 1..T of the (T + 1, B, .) buffers (not contiguous, as nn.LSTM's batch_first
+    output), and the final state (cloned for the backward, which reads the buffers: they must stay unmodified)."""
     final = (lambda t: t.clone()) if clone_final else (lambda t: t)  # noqa: E731
-    return ([torch.stack(s, 1) for s in hs] + [torch.stack(s, 1) for s in cs] + [torch.stack(s, 1) for s in zs]
+    return ([s[1:].transpose(0, 1) for s in (*hs, *cs, *zs)]
             + [final(s[-1]) for s in hs] + [final(s[-1]) for s in cs] + [final(s[-1]) for s in zs])
 
 
@@ -216,7 +226,7 @@ class FusedSequence(torch.autograd.Function):
         gz = [g.clone() if g is not None else torch.zeros_like(z) for g, z in zip(gZT, z0)]
         p_off = 4 + 3 * L - 1  # forward's inputs: spec, x, slope, noise, the 3L-1 state tensors, the parameters
         need_p = [needs[p_off + k * _N_PARAMS:p_off + (k + 1) * _N_PARAMS] for k in range(L)]
-        wgrads = [_WeightGrads(params[l], spec.recompute, l < L - 1) for l in range(L)]
+        wgrads = [_WeightGrads(params[l], spec.recompute, l, inputs, ctx.pres[l]) for l in range(L)]
         packed = _pack(params, B, True) if _can_pack(x) else [[] for _ in range(L)]
         small = [[None] * _N_PARAMS for _ in range(L)]  # b and the LN vectors, summed per step
         dx = torch.empty_like(inputs.x_t) if needs[1] else None
@@ -242,7 +252,7 @@ class FusedSequence(torch.autograd.Function):
                     if mask[9 + k - _B]:
                         small[l][k] = out[6 + k] if small[l][k] is None else small[l][k] + out[6 + k]
                 if any(need_p[l][:3]):
-                    wgrads[l].add(out[13], out[14], below, z_below, h, z, h_above)
+                    wgrads[l].add(t, out[13], out[14])
                 # route each gradient to the pending slot of the tensor it belongs to (see _StepInputs)
                 if l == 0:
                     if dx is not None:
