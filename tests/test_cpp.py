@@ -206,6 +206,18 @@ def test_seq_fwd_names_the_bad_argument():
         torch.ops.hmlstm.seq_fwd(*bad, True, True, [], False)
 
 
+def test_second_backward_through_a_retained_graph_gives_the_same_gradients():
+    """The sequence backward leaves what the forward saved intact (retain_graph=True, e.g. two losses)."""
+    case = make_case(3, 6, (8, 6, 5), layer_norm=True, seed=4)
+    model = HMLSTM(case.input_size, case.hidden_sizes, layer_norm=True, backend="cpp").to(F64)
+    out = model(case.x, state=case.state, slope=case.slope)
+    loss = sum((h * torch.randn_like(h)).sum() for h in out.h)
+    first = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(model.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_sequence_outputs_are_views_that_refuse_in_place_edits():
     """The (B, T, H) outputs are views of the buffers the backward reads (as nn.LSTM's batch_first output is a
     view); editing one in place would corrupt the gradient, so autograd refuses it."""

@@ -33,9 +33,9 @@ from ..reference import CellConfig, LayerParams
 from ..state import HMLSTMOutput, HMLSTMState
 from .cpp import _MODES
 
-# Rows of one weight-gradient GEMM: large enough to run at full speed, small enough for memory
-# (8192 rows of ds at H = 1024 are 134 MB in fp32).
-CHUNK_ROWS = 8192
+# Rows of one weight-gradient GEMM (at least one step): large enough to run at full speed, small enough that
+# its ds buffer (2048 x 2049 floats at PTB size, 17 MB) is reused by the allocator rather than mapped afresh.
+CHUNK_ROWS = 2048
 USE_PACKED_WEIGHTS = True
 _N_PARAMS = len(LayerParams._fields)  # W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
 _B = 3  # index of b in LayerParams; W, U, V (the GEMM weights) come before it
@@ -95,34 +95,38 @@ class _StepInputs:
 class _WeightGrads:
     """Accumulates one layer's dW, dU, dV over the steps of the backward, one GEMM per chunk of steps.
 
-    Step t's ds overwrites `pre[t]` (the forward's (T, B, G) buffer), which the backward has read by then: the
-    GEMMs' operands are views over the chunk's steps, with no concatenation (which cost a fresh 52 MB copy per
-    layer at PTB size, 49 ms of a 1.6 s training step).
+    The GEMMs' operands are views: the inputs over the chunk's steps in the forward's buffers, and ds in a
+    chunk buffer that each step's ds is copied into. Why: concatenating each chunk's ds instead cost a fresh
+    52 MB copy per layer at PTB size (49 ms of a 1.6 s training step); the buffer is allocated once per layer
+    and backward, and a small one (CHUNK_ROWS rows) comes back from the allocator without new page faults.
     """
 
-    def __init__(self, p: LayerParams, recompute: bool, l: int, inputs: _StepInputs, pre: Tensor):
+    def __init__(self, p: LayerParams, recompute: bool, l: int, inputs: _StepInputs):
         self.dW, self.dU, self.dV = (torch.zeros_like(w) for w in (p.W, p.U, p.V))
         self.recompute_row = 4 * p.U.shape[1] if (recompute and l < inputs.L - 1) else None
-        self.l, self.inputs, self.ds = l, inputs, pre
-        self.ds_copy: list[Tensor] = []  # of steps t_low + len - 1, ..., t_low
+        self.l, self.inputs = l, inputs
+        T, B = inputs.x_t.shape[:2]
+        self.ds = p.U.new_empty(max(1, min(T, CHUNK_ROWS // B)), B, p.U.shape[0])  # steps t_low + n - 1, ..., t_low
+        self.ds_copy = p.U.new_empty(self.ds.shape[:2])
+        self.n = 0  # steps held
         self.t_low = 0
-        self.rows = 0
 
     def add(self, t: int, ds: Tensor, ds_copy: Tensor) -> None:
         """ds (B, G), ds_copy (B,) of step t; the backward adds the steps in decreasing order."""
-        self.ds[t].copy_(ds)
-        self.ds_copy.append(ds_copy)
+        k = self.ds.shape[0] - 1 - self.n  # filled from the end: the buffer ends up in increasing t
+        self.ds[k].copy_(ds)
+        self.ds_copy[k].copy_(ds_copy)
+        self.n += 1
         self.t_low = t
-        self.rows += ds.shape[0]
-        if self.rows >= CHUNK_ROWS:
+        if self.n == self.ds.shape[0]:
             self.flush()
 
     def flush(self) -> None:
-        if not self.ds_copy:
+        if self.n == 0:
             return
-        t0, t1 = self.t_low, self.t_low + len(self.ds_copy)
-        ds, ds_copy = self.ds[t0:t1].flatten(0, 1), torch.cat(self.ds_copy[::-1])  # in increasing t, as the views
-        self.ds_copy, self.rows = [], 0
+        t0, t1, first = self.t_low, self.t_low + self.n, self.ds.shape[0] - self.n
+        ds, ds_copy = self.ds[first:].flatten(0, 1), self.ds_copy[first:].flatten()
+        self.n = 0
         below, z_below, h, z, h_above = self.inputs.span(self.l, t0, t1)
         _gated_outer(self.dU, ds, h, (z != 0) | (z_below != 0), None)
         if self.dV.shape[1] > 0:
@@ -226,7 +230,7 @@ class FusedSequence(torch.autograd.Function):
         gz = [g.clone() if g is not None else torch.zeros_like(z) for g, z in zip(gZT, z0)]
         p_off = 4 + 3 * L - 1  # forward's inputs: spec, x, slope, noise, the 3L-1 state tensors, the parameters
         need_p = [needs[p_off + k * _N_PARAMS:p_off + (k + 1) * _N_PARAMS] for k in range(L)]
-        wgrads = [_WeightGrads(params[l], spec.recompute, l, inputs, ctx.pres[l]) for l in range(L)]
+        wgrads = [_WeightGrads(params[l], spec.recompute, l, inputs) for l in range(L)]
         packed = _pack(params, B, True) if _can_pack(x) else [[] for _ in range(L)]
         small = [[None] * _N_PARAMS for _ in range(L)]  # b and the LN vectors, summed per step
         dx = torch.empty_like(inputs.x_t) if needs[1] else None
