@@ -211,9 +211,15 @@ struct BwdIO {
     ds_copy = at::zeros({B}, opts);
   }
 
-  void alloc_active(const Inputs& in, int64_t nA, bool poison) {
+  // ds_into: a (B, G) buffer to write ds into when every row is active (nA = B), instead of a new tensor.
+  void alloc_active(const Inputs& in, int64_t nA, bool poison, const at::Tensor* ds_into = nullptr) {
     const auto opts = in.x.options();
-    ds = new_output({nA, in.G}, opts, poison);
+    if (ds_into != nullptr && nA == in.B) {
+      ds = *ds_into;
+      if (poison) ds.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      ds = new_output({nA, in.G}, opts, poison);
+    }
     if (in.lng.has_value()) {
       da = new_output({nA, 4 * in.H}, opts, poison);
       dgain = new_output({nA, 4 * in.H}, opts, poison);

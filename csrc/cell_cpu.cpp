@@ -615,10 +615,14 @@ template <typename T>
 void gated_term_backward(const at::Tensor& ds, const Rows& rs, const std::vector<int64_t>& on,
                          const at::Tensor& gate, const at::Tensor& inp, const at::Tensor& M,
                          const std::optional<at::Tensor>& packed_t, bool need_inp, bool need_gate, bool need_M,
-                         at::Tensor& d_inp, at::Tensor& d_gate, at::Tensor& dM) {
+                         at::Tensor& d_inp, at::Tensor& d_gate, at::Tensor& dM, bool poison) {
   const int64_t B = inp.size(0), K = inp.size(1);
-  if (need_inp) d_inp = at::zeros({B, K}, inp.options());
   const bool any = K > 0 && !rs.active.empty();
+  // Every row of d_inp is written below when the written rows (the active ones, or the `on` ones) are all of
+  // them; zero-filling it first cost about 20 ms of a PTB-size training step.
+  const size_t written = need_gate ? rs.active.size() : on.size();
+  if (need_inp) d_inp = any && written == static_cast<size_t>(B) ? new_output({B, K}, inp.options(), poison)
+                                                                  : at::zeros({B, K}, inp.options());
   if (need_M && (!any || on.empty())) dM = at::zeros_like(M);
   if (!any) return;
   std::vector<int64_t> on_pos;  // positions of the `on` rows in ds (all of them are active)
@@ -644,15 +648,14 @@ void gated_term_backward(const at::Tensor& ds, const Rows& rs, const std::vector
   }
 }
 
-std::vector<at::Tensor> cell_bwd_cpu(
-    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z, const at::Tensor& x,
-    const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
-    const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, const at::Tensor& b,
-    const std::optional<at::Tensor>& ln_gates, const std::optional<at::Tensor>& ln_cell_w,
-    const std::optional<at::Tensor>& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
-    const at::Tensor& pre_, int64_t boundary_mode, bool recompute, bool dense_copy,
-    std::array<bool, 13> mask, bool return_ds, const std::vector<std::optional<at::Tensor>>& packed, bool poison) {
-  const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+// cell_bwd on checked inputs. With ds_into (a (B, G) buffer) and return_ds, ds is written there (zero on COPY
+// rows) rather than into a new tensor. packed[off + 0..2]: the transposes of W, U, V (see rows_matmul).
+std::vector<at::Tensor> backward_step(const Inputs& in, const at::Tensor& grad_h, const at::Tensor& grad_c,
+                                      const at::Tensor& grad_z, const at::Tensor& slope, const at::Tensor& pre_,
+                                      int64_t boundary_mode, bool recompute, bool dense_copy,
+                                      const std::array<bool, 13>& mask, bool return_ds,
+                                      const std::vector<std::optional<at::Tensor>>& packed, size_t off, bool poison,
+                                      const at::Tensor* ds_into) {
   const auto opts = in.x.options();
   const int64_t B = in.B, G = in.G;
   const bool zgrad = mask[kZ] || mask[kZBelow];
@@ -664,7 +667,7 @@ std::vector<at::Tensor> cell_bwd_cpu(
     TORCH_CHECK(!zgrad || dense_copy || static_cast<int64_t>(rs.active.size()) == B,
                 "hmlstm::cell_bwd: gradients for z or z_below need cell_fwd(dense_copy=True)");
     const int64_t nA = static_cast<int64_t>(rs.active.size());
-    io.alloc_active(in, nA, poison);
+    io.alloc_active(in, nA, poison, return_ds ? ds_into : nullptr);
     const at::Tensor& ds = io.ds;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     BwdBuffers<T> bufs{io.pre.data_ptr<T>(), io.gh.data_ptr<T>(), io.gc.data_ptr<T>(),
@@ -673,17 +676,17 @@ std::vector<at::Tensor> cell_bwd_cpu(
                        ptr(io.dlcb)};
     backward_rows<T>(L, rs, zgrad, bufs);
     if (return_ds) {
-      if (nA == B) {  // every row active: `ds` is already in row order
+      if (nA == B) {  // every row active: `ds` is already in row order (and in ds_into when given)
         io.ds_full = ds;
       } else {
-        io.ds_full = at::zeros({B, G}, opts);
+        io.ds_full = ds_into != nullptr ? ds_into->zero_() : at::zeros({B, G}, opts);
         if (nA > 0) scatter_rows<T>(io.ds_full, ds, rs.active, false);
       }
     }
 
     // The recurrent term U h, never gated: a GEMM over the active rows.
     if (nA > 0 && mask[kH]) {
-      const auto packed_u = packed_at(packed, 1);
+      const auto packed_u = packed_at(packed, off + 1);
       if (nA == B && !packed_u.has_value()) {
         io.dh.addmm_(ds, in.U);
       } else {
@@ -691,12 +694,215 @@ std::vector<at::Tensor> cell_bwd_cpu(
       }
     }
     io.param_grads(in, mask, recompute, [&] { return take_rows(in.h, rs.active); });
-    gated_term_backward<T>(ds, rs, rs.td, in.zb, in.ha, in.V, packed_at(packed, 2), mask[kHAbove], mask[kZ],
-                           mask[kV], io.out[kHAbove], io.dzb, io.out[kV]);
-    gated_term_backward<T>(ds, rs, rs.bu, in.zu, in.x, in.W, packed_at(packed, 0), mask[kX], mask[kZBelow],
-                           mask[kW], io.out[kX], io.dzu, io.out[kW]);
+    gated_term_backward<T>(ds, rs, rs.td, in.zb, in.ha, in.V, packed_at(packed, off + 2), mask[kHAbove], mask[kZ],
+                           mask[kV], io.out[kHAbove], io.dzb, io.out[kV], poison);
+    gated_term_backward<T>(ds, rs, rs.bu, in.zu, in.x, in.W, packed_at(packed, off), mask[kX], mask[kZBelow],
+                           mask[kW], io.out[kX], io.dzu, io.out[kW], poison);
   });
   return io.finish(in, mask, return_ds);
+}
+
+std::vector<at::Tensor> cell_bwd_cpu(
+    const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& grad_z, const at::Tensor& x,
+    const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& c, const at::Tensor& z,
+    const at::Tensor& h_above, const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, const at::Tensor& b,
+    const std::optional<at::Tensor>& ln_gates, const std::optional<at::Tensor>& ln_cell_w,
+    const std::optional<at::Tensor>& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
+    const at::Tensor& pre, int64_t boundary_mode, bool recompute, bool dense_copy,
+    std::array<bool, 13> mask, bool return_ds, const std::vector<std::optional<at::Tensor>>& packed, bool poison) {
+  const Inputs in(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+  return backward_step(in, grad_h, grad_c, grad_z, slope, pre, boundary_mode, recompute, dense_copy, mask, return_ds,
+                       packed, 0, poison, nullptr);
+}
+
+// acc += (gate * ds)^T inp over the rows where `on`: one GEMM on the gathered rows (all rows: no gather).
+// gate: nullptr for an ungated term.
+void gated_outer(at::Tensor& acc, const at::Tensor& ds, const at::Tensor& inp, const at::Tensor& on,
+                 const at::Tensor* gate) {
+  const int64_t n_on = on.sum().item<int64_t>();
+  if (n_on == 0) return;
+  at::Tensor d = ds, a = inp, g;
+  if (gate != nullptr) g = *gate;
+  if (n_on < on.numel()) {
+    const at::Tensor idx = on.nonzero().squeeze(1);
+    d = ds.index_select(0, idx);
+    a = inp.index_select(0, idx);
+    if (gate != nullptr) g = g.index_select(0, idx);
+  }
+  if (gate != nullptr && !g.eq(1).all().item<bool>()) a = a * g.unsqueeze(1);  // soft boundaries
+  acc.addmm_(d.t(), a);
+}
+
+// One layer's dW, dU, dV, accumulated over the backward's steps: each step's ds goes into a chunk buffer,
+// and each chunk of steps is one GEMM per weight over views of the forward's buffers (PAPER.md's dense
+// straight-through gradient, as hmlstm.reference):
+//   dU += ds^T h_{t-1} (active rows), dV += (z_{t-1} ds)^T h_{t-1}^{l+1}, dW += (z_below ds)^T h_t^{l-1}.
+struct WeightGrads {
+  at::Tensor dW, dU, dV, buf, buf_copy;  // buf (S, B, G), buf_copy (S, B): steps t_low + n - 1 .. t_low
+  int64_t n = 0, t_low = 0;
+  bool recompute_row = false;
+
+  WeightGrads(const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, int64_t steps, int64_t B, bool rr)
+      : dW(at::zeros_like(W)), dU(at::zeros_like(U)), dV(at::zeros_like(V)),
+        buf(at::empty({steps, B, U.size(0)}, U.options())), buf_copy(at::empty({steps, B}, U.options())),
+        recompute_row(rr) {}
+
+  // The next slot (filled from the end, so that the buffer ends up in increasing t) for step t.
+  at::Tensor slot(int64_t t) {
+    t_low = t;
+    return buf.select(0, buf.size(0) - 1 - n);
+  }
+  at::Tensor slot_copy() { return buf_copy.select(0, buf.size(0) - 1 - n); }
+  bool full() const { return n == buf.size(0); }
+
+  // below, z_below: layer l-1's (or x's) steps t0..t1-1; h, z, h_above: slots t0..t1-1 (the steps' inputs).
+  void flush(const at::Tensor& below, const at::Tensor& z_below, const at::Tensor& h, const at::Tensor& z,
+             const at::Tensor& h_above) {
+    if (n == 0) return;
+    const int64_t first = buf.size(0) - n;
+    const at::Tensor ds = buf.narrow(0, first, n).flatten(0, 1);
+    gated_outer(dU, ds, h, z.ne(0).logical_or(z_below.ne(0)), nullptr);
+    if (dV.size(1) > 0) gated_outer(dV, ds, h_above, z.ne(0), &z);
+    if (dW.size(1) > 0) gated_outer(dW, ds, below, z_below.ne(0), &z_below);
+    if (recompute_row) dU.select(0, dU.size(0) - 1).addmv_(h.t(), buf_copy.narrow(0, first, n).flatten());
+    n = 0;
+  }
+};
+
+// The backward of seq_fwd (the loop of hmlstm/ops/cpp_sequence.py's FusedSequence.backward), in reverse time.
+// Why in C++: the Python loop cost about 50 ms of a 1.6 s PTB-size training step in interpreter and
+// per-step allocations. Arguments and outputs: see the schema in ops.cpp.
+std::vector<at::Tensor> seq_bwd_cpu(
+    const OptTensorVec& grad_h, const OptTensorVec& grad_c, const OptTensorVec& grad_z, const TensorVec& grad_hT,
+    const TensorVec& grad_cT, const TensorVec& grad_zT, const at::Tensor& x, const TensorVec& hs,
+    const TensorVec& cs, const TensorVec& zs, const TensorVec& pres, const TensorVec& W, const TensorVec& U,
+    const TensorVec& V, const TensorVec& b, const OptTensorVec& ln_gates, const OptTensorVec& ln_cell_w,
+    const OptTensorVec& ln_cell_b, const at::Tensor& slope, const std::optional<at::Tensor>& noise,
+    int64_t boundary_mode, bool recompute, bool dense_copy, const std::vector<int64_t>& needs,
+    const OptTensorVec& packed, int64_t chunk_rows, bool poison) {
+  const size_t L = hs.size();
+  TORCH_CHECK(L >= 1 && cs.size() == L && zs.size() == L - 1 && pres.size() == L && W.size() == L &&
+                  U.size() == L && V.size() == L && b.size() == L && ln_gates.size() == L && ln_cell_w.size() == L &&
+                  ln_cell_b.size() == L,
+              "hmlstm::seq_bwd: hs, cs, pres and the weights need one entry per layer and zs L - 1, got L = ", L,
+              " from hs");
+  TORCH_CHECK(grad_h.size() == L && grad_c.size() == L && grad_z.size() == L - 1 && grad_hT.size() == L &&
+                  grad_cT.size() == L && grad_zT.size() == L - 1,
+              "hmlstm::seq_bwd: grad_h, grad_c, grad_hT, grad_cT need ", L, " entries and grad_z, grad_zT ", L - 1);
+  constexpr size_t kP = 7;  // W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
+  TORCH_CHECK(needs.size() == 1 + 3 * L - 1 + kP * L, "hmlstm::seq_bwd: needs must hold 1 + (3L - 1) + 7L = ",
+              1 + 3 * L - 1 + kP * L, " flags (x, the initial state, the parameters), got ", needs.size());
+  TORCH_CHECK(packed.empty() || packed.size() == 3 * L, "hmlstm::seq_bwd: packed must be [] or 3 per layer");
+  TORCH_CHECK(x.dim() == 3, "hmlstm::seq_bwd: x must be (T, B, I) (time first), got ", x.sizes());
+  TORCH_CHECK(chunk_rows >= 1, "hmlstm::seq_bwd: chunk_rows must be positive, got ", chunk_rows);
+  const int64_t T = x.size(0), B = x.size(1);
+  const auto opts = x.options();
+  const bool sample = boundary_mode == kSample && L > 1;
+  const bool any_packed = !packed.empty();
+  const at::Tensor ones = at::ones({B}, opts), zeros = at::zeros({B}, opts), empty = at::empty({0}, opts);
+  const at::Tensor no_above = at::empty({B, 0}, opts);
+  auto need_p = [&](size_t l, size_t k) { return needs[1 + 3 * L - 1 + kP * l + k] != 0; };
+  // pending gradients of the step the loop is about to process: gh[l], gc[l] of h_t^l, c_t^l, gz[l] of z_t^l
+  TensorVec gh(L), gc(L), gz(L - 1);
+  for (size_t l = 0; l < L; ++l) {
+    gh[l] = grad_hT[l].clone();
+    gc[l] = grad_cT[l].clone();
+    if (l + 1 < L) gz[l] = grad_zT[l].clone();
+  }
+  const int64_t steps = std::max<int64_t>(1, std::min<int64_t>(T, chunk_rows / B));
+  std::vector<std::optional<WeightGrads>> wg(L);
+  std::vector<std::array<at::Tensor, kP>> small(L);  // b and the LN vectors, summed over the steps
+  for (size_t l = 0; l < L; ++l) {
+    if (need_p(l, 0) || need_p(l, 1) || need_p(l, 2)) wg[l].emplace(W[l], U[l], V[l], steps, B, recompute && l + 1 < L);
+    const std::optional<at::Tensor> vec[kP] = {std::nullopt, std::nullopt, std::nullopt, b[l], ln_gates[l],
+                                               ln_cell_w[l], ln_cell_b[l]};
+    for (size_t k = 3; k < kP; ++k) {
+      if (need_p(l, k) && vec[k].has_value()) small[l][k] = at::zeros_like(*vec[k]);
+    }
+  }
+  at::Tensor dx = needs[0] != 0 ? new_output({T, B, x.size(2)}, opts, poison) : empty;
+  // the inputs of layer l over steps t0..t1-1, flattened to rows (as seq_fwd's buffers lay them out)
+  auto flush = [&](size_t l) {
+    WeightGrads& w = *wg[l];
+    if (w.n == 0) return;
+    const int64_t t0 = w.t_low, n = w.n, rows = n * B;
+    const bool top = l + 1 == L;
+    const at::Tensor below = l == 0 ? x.narrow(0, t0, n).flatten(0, 1) : hs[l - 1].narrow(0, t0 + 1, n).flatten(0, 1);
+    const at::Tensor z_below = l == 0 ? at::ones({rows}, opts) : zs[l - 1].narrow(0, t0 + 1, n).flatten();
+    const at::Tensor z = top ? at::zeros({rows}, opts) : zs[l].narrow(0, t0, n).flatten();
+    const at::Tensor ha = top ? at::empty({rows, 0}, opts) : hs[l + 1].narrow(0, t0, n).flatten(0, 1);
+    w.flush(below, z_below, hs[l].narrow(0, t0, n).flatten(0, 1), z, ha);
+  };
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for (size_t li = L; li-- > 0;) {
+      const size_t l = li;
+      const bool top = l + 1 == L;
+      const at::Tensor below = l == 0 ? x.select(0, t) : hs[l - 1].select(0, t + 1);
+      const at::Tensor z_below = l == 0 ? ones : zs[l - 1].select(0, t + 1);
+      std::optional<at::Tensor> nz;
+      if (sample && !top) nz = noise->select(0, t).select(0, l);
+      const Inputs in(below, z_below, hs[l].select(0, t), cs[l].select(0, t), top ? zeros : zs[l].select(0, t),
+                      top ? no_above : hs[l + 1].select(0, t), W[l], U[l], V[l], b[l], ln_gates[l], ln_cell_w[l],
+                      ln_cell_b[l], nz, boundary_mode);
+      const at::Tensor g_h = grad_h[l].has_value() ? gh[l] + grad_h[l]->select(0, t) : gh[l];
+      const at::Tensor g_c = grad_c[l].has_value() ? gc[l] + grad_c[l]->select(0, t) : gc[l];
+      at::Tensor g_z = empty;
+      if (!top) g_z = grad_z[l].has_value() ? gz[l] + grad_z[l]->select(0, t) : gz[l];
+      std::array<bool, 13> mask{l > 0 || needs[0] != 0, l > 0, true, true, !top, !top, false, false, false};
+      for (size_t k = 3; k < kP; ++k) {
+        const bool present = k == 3 || (k == 4 ? ln_gates[l].has_value() : k == 5 ? ln_cell_w[l].has_value()
+                                                                                    : ln_cell_b[l].has_value());
+        mask[9 + k - 3] = need_p(l, k) && present;
+      }
+      const bool want_ds = wg[l].has_value();
+      at::Tensor slot;
+      if (want_ds) slot = wg[l]->slot(t);
+      const std::vector<at::Tensor> out =
+          backward_step(in, g_h, g_c, g_z, slope, pres[l].select(0, t), boundary_mode, recompute, dense_copy, mask,
+                        want_ds, packed, any_packed ? 3 * l : packed.size(), poison, want_ds ? &slot : nullptr);
+      for (size_t k = 3; k < kP; ++k) {
+        if (mask[9 + k - 3]) small[l][k].add_(out[6 + k]);
+      }
+      if (want_ds) {
+        if (!out[13].is_same(slot)) slot.copy_(out[13]);
+        wg[l]->slot_copy().copy_(out[14]);
+        wg[l]->n += 1;
+        if (wg[l]->full()) flush(l);
+      }
+      // route each gradient to the pending slot of the tensor it belongs to
+      if (l == 0) {
+        if (needs[0] != 0) dx.select(0, t).copy_(out[kX]);
+      } else {
+        gh[l - 1].add_(out[kX]);
+        gz[l - 1].add_(out[kZBelow]);
+      }
+      gh[l] = out[kH];
+      gc[l] = out[kC];
+      if (!top) {
+        gz[l] = out[kZ];
+        gh[l + 1].add_(out[kHAbove]);
+      }
+    }
+  }
+  std::vector<at::Tensor> result{dx};
+  for (size_t l = 0; l < L; ++l) result.push_back(gh[l]);
+  for (size_t l = 0; l < L; ++l) result.push_back(gc[l]);
+  for (size_t l = 0; l + 1 < L; ++l) result.push_back(gz[l]);
+  for (size_t l = 0; l < L; ++l) {
+    if (wg[l].has_value()) flush(l);
+    for (size_t k = 0; k < kP; ++k) {
+      at::Tensor g = empty;
+      if (need_p(l, k)) {
+        if (k < 3) {
+          g = k == 0 ? wg[l]->dW : (k == 1 ? wg[l]->dU : wg[l]->dV);
+        } else if (small[l][k].defined()) {
+          g = small[l][k];
+        }
+      }
+      result.push_back(g);
+    }
+  }
+  return result;
 }
 
 }  // namespace
@@ -705,6 +911,7 @@ TORCH_LIBRARY_IMPL(hmlstm, CPU, m) {
   m.impl("cell_fwd", &cell_fwd_cpu);
   m.impl("cell_bwd", &cell_bwd_cpu);
   m.impl("seq_fwd", &seq_fwd_cpu);
+  m.impl("seq_bwd", &seq_bwd_cpu);
 }
 
 // A call with oneDNN-packed weights in `packed` dispatches on the MkldnnCPU key: the same kernels.
@@ -712,6 +919,7 @@ TORCH_LIBRARY_IMPL(hmlstm, MkldnnCPU, m) {
   m.impl("cell_fwd", &cell_fwd_cpu);
   m.impl("cell_bwd", &cell_bwd_cpu);
   m.impl("seq_fwd", &seq_fwd_cpu);
+  m.impl("seq_bwd", &seq_bwd_cpu);
 }
 
 }  // namespace hmlstm

@@ -38,7 +38,7 @@ TORCH_LIBRARY(hmlstm, m) {
       "-> Tensor[]");
   // cell_fwd over a whole sequence: L layers, T steps, bottom to top within a step (the loop of
   // hmlstm.sequence.stepwise_forward), writing into buffers allocated once. Not differentiable by itself:
-  // hmlstm/ops/cpp_sequence.py wraps it in an autograd.Function whose backward calls cell_bwd per step.
+  // hmlstm/ops/cpp_sequence.py wraps it in an autograd.Function whose backward is seq_bwd.
   // x: (T, B, I) time first; h0, c0: L x (B, H_l); z0: L-1 x (B,); W, U, V, b, ln_*: one per layer (the
   // top layer's V is (4H, 0)); noise: (T, L-1, B) for boundary_mode 1; packed: [] or [W, U, V] per layer
   // as for cell_fwd. Returns hs, cs: L x (T + 1, B, H_l) and zs: L-1 x (T + 1, B), whose slot 0 is the
@@ -48,6 +48,20 @@ TORCH_LIBRARY(hmlstm, m) {
       "Tensor?[] ln_gates, Tensor?[] ln_cell_w, Tensor?[] ln_cell_b, Tensor slope, Tensor? noise, "
       "int boundary_mode, bool recompute, bool save, bool dense_copy, Tensor?[] packed, bool poison) "
       "-> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  // The gradient of seq_fwd(save=True): cell_bwd's per-step gradients in reverse time, and each weight
+  // gradient as one GEMM per chunk of about chunk_rows rows of steps (dU = sum_t ds_t^T h_{t-1}, ...).
+  // grad_h, grad_c: L x (T, B, H_l) or None; grad_z: L-1 x (T, B) or None (the outputs' gradients, time
+  // first); grad_hT, grad_cT, grad_zT: the final state's. x, hs, cs, zs, pres: seq_fwd's x and outputs.
+  // needs: 1 + (3L - 1) + 7L flags: x, then h0, c0, z0, then each layer's W, U, V, b, ln_gates, ln_cell_w,
+  // ln_cell_b. packed: [] or [W^T, U^T, V^T] per layer, reordered as for cell_bwd. Returns dx (T, B, I),
+  // dh0, dc0 (L), dz0 (L-1), then the 7L parameter gradients; (0,) where not needed. The initial state's
+  // gradients are always computed.
+  m.def(
+      "seq_bwd(Tensor?[] grad_h, Tensor?[] grad_c, Tensor?[] grad_z, Tensor[] grad_hT, Tensor[] grad_cT, "
+      "Tensor[] grad_zT, Tensor x, Tensor[] hs, Tensor[] cs, Tensor[] zs, Tensor[] pres, Tensor[] W, "
+      "Tensor[] U, Tensor[] V, Tensor[] b, Tensor?[] ln_gates, Tensor?[] ln_cell_w, Tensor?[] ln_cell_b, "
+      "Tensor slope, Tensor? noise, int boundary_mode, bool recompute, bool dense_copy, int[] needs, "
+      "Tensor?[] packed, int chunk_rows, bool poison) -> Tensor[]");
 }
 
 // `import hmlstm._C` only has to load this library so that the registrations above run; the module
