@@ -820,7 +820,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
       if (need_p(l, k) && vec[k].has_value()) small[l][k] = at::zeros_like(*vec[k]);
     }
   }
-  at::Tensor dx = needs[0] != 0 ? new_output({T, B, x.size(2)}, opts, poison) : empty;
+  at::Tensor dx = needs[0] != 0 ? new_output({T, B, x.size(2)}, opts, poison) : at::empty({0}, opts);
   // the inputs of layer l over steps t0..t1-1, flattened to rows (as seq_fwd's buffers lay them out)
   auto flush = [&](size_t l) {
     WeightGrads& w = *wg[l];
@@ -891,7 +891,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
   for (size_t l = 0; l < L; ++l) {
     if (wg[l].has_value()) flush(l);
     for (size_t k = 0; k < kP; ++k) {
-      at::Tensor g = empty;
+      at::Tensor g = at::empty({0}, opts);  // a tensor of its own: outputs must not alias each other
       if (need_p(l, k)) {
         if (k < 3) {
           g = k == 0 ? wg[l]->dW : (k == 1 ? wg[l]->dU : wg[l]->dV);

@@ -188,6 +188,22 @@ def test_opcheck_seq_fwd(dtype, mode, recompute, layer_norm, packed):
         torch.library.opcheck(torch.ops.hmlstm.seq_fwd.default, (*args, save, save, [], False))
 
 
+@pytest.mark.parametrize("dtype,mode,recompute,layer_norm,packed", [p for p in SEQ if not p.values[4]])
+def test_opcheck_seq_bwd(dtype, mode, recompute, layer_norm, packed):
+    args, _, params = _seq_args(dtype, mode, recompute, layer_norm, False, B=3, T=2)
+    x = args[0]
+    hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(*args, True, True, [], False)
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda t: torch.randn(t.shape, generator=g, dtype=dtype)  # noqa: E731
+    L = len(hs)
+    grads = ([rnd(h[1:]) for h in hs], [None] * L, [rnd(z[1:]) for z in zs],
+             [rnd(h[0]) for h in hs], [rnd(c[0]) for c in cs], [rnd(z[0]) for z in zs])
+    for needs in ([1] * (1 + 3 * L - 1 + 7 * L), [0] * (1 + 3 * L - 1) + [1, 0, 1, 0, 1, 0, 1] * L):
+        torch.library.opcheck(torch.ops.hmlstm.seq_bwd.default,
+                              (*grads, x, hs, cs, zs, pres, *args[4:11], args[11], args[12], mode, recompute, True,
+                               needs, [], 4, False))
+
+
 def test_seq_fwd_names_the_bad_argument():
     args, _, _ = _seq_args(F64, 1, False, False, False)
     with pytest.raises(RuntimeError, match=r"packed must be \[\] or 3 per layer"):
@@ -204,6 +220,11 @@ def test_seq_fwd_names_the_bad_argument():
     bad[3] = args[3][:1]
     with pytest.raises(RuntimeError, match="z0 must have L - 1 = 2 entries"):
         torch.ops.hmlstm.seq_fwd(*bad, True, True, [], False)
+    hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(*args, True, True, [], False)
+    finals = ([h[-1] for h in hs], [c[-1] for c in cs], [z[-1] for z in zs])
+    with pytest.raises(RuntimeError, match=r"needs must hold 1 \+ \(3L - 1\) \+ 7L = 30 flags"):
+        torch.ops.hmlstm.seq_bwd([None] * 3, [None] * 3, [None] * 2, *finals, args[0], hs, cs, zs, pres,
+                                 *args[4:13], 1, False, True, [1] * 29, [], 64, False)
 
 
 def test_second_backward_through_a_retained_graph_gives_the_same_gradients():

@@ -89,6 +89,18 @@ if _IMPORT_ERROR is None:
         pres = [x.new_empty(T, B, u.shape[0]) if save else x.new_empty(0) for u in U]
         return hs, cs, zs, pres
 
+    @torch.library.register_fake("hmlstm::seq_bwd")
+    def _seq_bwd_fake(grad_h, grad_c, grad_z, grad_hT, grad_cT, grad_zT, x, hs, cs, zs, pres, W, U, V, b, ln_gates,
+                      ln_cell_w, ln_cell_b, slope, noise, boundary_mode, recompute, dense_copy, needs, packed,
+                      chunk_rows, poison):
+        L = len(hs)
+        dx = x.new_empty(x.shape) if needs[0] else x.new_empty(0)
+        state = [s.new_empty(s.shape[1:]) for s in (*hs, *cs, *zs)]
+        params = [p for layer in zip(W, U, V, b, ln_gates, ln_cell_w, ln_cell_b) for p in layer]
+        flags = needs[1 + 3 * L - 1:]
+        grads = [p.new_empty(p.shape) if (need and p is not None) else x.new_empty(0) for p, need in zip(params, flags)]
+        return [dx, *state, *grads]
+
     def _setup_context(ctx, inputs, output):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
          boundary_mode, recompute, save, dense_copy, packed, poison) = inputs
