@@ -3,6 +3,7 @@ registration (opcheck, torch.compile), the work it skips, half precision and its
 
 import functools
 import itertools
+import os
 import subprocess
 import sys
 
@@ -255,6 +256,31 @@ def test_sequence_without_packed_weights(case, monkeypatch):
 
     monkeypatch.setattr(cpp_sequence, "USE_PACKED_WEIGHTS", False)
     assert_matches_reference("cpp", case)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_baseline_row_kernels_match_the_reference(dtype, tmp_path):
+    """HMLSTM_CPU_ISA=base forces the row kernels built without AVX2 (csrc/cell_rows.h; on an AVX2 + FMA CPU
+    the other build runs by default): every output and gradient still matches the reference, in a fresh
+    process since the choice is made once per process."""
+    prog = f"""
+import sys, torch
+sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
+from harness import make_case, run_case
+case = make_case(64, 20, (24, 17, 9), boundary="sample", copy_boundary="recompute", layer_norm=True, seed=7,
+                 dtype={dtype})
+torch.save(run_case(case, "cpp"), {str(tmp_path / "base.pt")!r})
+"""
+    env = {**os.environ, "HMLSTM_CPU_ISA": "base"}
+    subprocess.run([sys.executable, "-c", prog], check=True, env=env)
+    base = torch.load(tmp_path / "base.pt")
+    case = make_case(64, 20, (24, 17, 9), boundary="sample", copy_boundary="recompute", layer_norm=True, seed=7,
+                     dtype=dtype)
+    ref, default = run_case(case, "reference"), run_case(case, "cpp")
+    tol = 1e-10 if dtype == F64 else 1e-4  # assert_matches_reference's
+    for k in ref:
+        assert rel_err(base[k], ref[k]) < tol, k
+        assert rel_err(base[k], default[k]) < tol, k
 
 
 def test_float32_nonlinearities_propagate_nan_and_saturate():
