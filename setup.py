@@ -11,6 +11,9 @@ Environment flags:
                                and let a failed CUDA compile stop the install (otherwise: CPU kernels only)
     DEBUG=1                    -O0 -g
     MAX_JOBS=N                 parallel compile jobs (ninja)
+
+The CPU row kernels are compiled twice, for any x86-64 CPU and for AVX2 + FMA (csrc/cell_rows_avx2.cpp, with
+GCC); the extension picks one when it loads. HMLSTM_CPU_ISA=base at run time forces the first.
 """
 
 import glob

@@ -1,4 +1,6 @@
-// CPU kernels of the fused HM-LSTM layer-step: hmlstm::cell_fwd and hmlstm::cell_bwd (schemas in ops.cpp).
+// CPU kernels of the fused HM-LSTM layer-step, hmlstm::cell_fwd and hmlstm::cell_bwd, and of the same step over
+// a whole sequence, hmlstm::seq_fwd and hmlstm::seq_bwd (schemas in ops.cpp). The per-row kernels are in
+// cell_rows.h; this file holds the GEMMs, the time loops and the ops.
 //
 // The math is hmlstm/reference.py's naive_cell_step; read its docstring first. Row b of a batch is
 //

@@ -1,6 +1,7 @@
-"""The C++ backend: the fused layer-step `hmlstm::cell_fwd` / `hmlstm::cell_bwd` from `hmlstm._C`.
+"""The C++ backend: the fused layer-step `hmlstm::cell_fwd` / `hmlstm::cell_bwd` from `hmlstm._C`, and the
+same kernels over a whole sequence, `hmlstm::seq_fwd` / `hmlstm::seq_bwd` (used by `hmlstm.ops.cpp_sequence`).
 
-The schemas and CPU kernels live in csrc/ (ops.cpp, cell_cpu.cpp); this module registers what
+The schemas and CPU kernels live in csrc/ (ops.cpp, cell_cpu.cpp, cell_rows.h); this module registers what
 torch.compile and autograd need on top of them, and exposes `fused_cell_step` with the signature and
 semantics of `hmlstm.reference.naive_cell_step`.
 
