@@ -533,8 +533,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
     w.flush(below, z_below, hs[l].narrow(0, t0, n).flatten(0, 1), z, ha);
   };
   for (int64_t t = T - 1; t >= 0; --t) {
-    for (size_t li = L; li-- > 0;) {
-      const size_t l = li;
+    for (size_t l = L; l-- > 0;) {
       const bool top = l + 1 == L;
       const at::Tensor below = l == 0 ? x.select(0, t) : hs[l - 1].select(0, t + 1);
       const at::Tensor z_below = l == 0 ? ones : zs[l - 1].select(0, t + 1);
@@ -548,11 +547,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
       at::Tensor g_z = empty;
       if (!top) g_z = grad_z[l].has_value() ? gz[l] + grad_z[l]->select(0, t) : gz[l];
       std::array<bool, 13> mask{l > 0 || needs[0] != 0, l > 0, true, true, !top, !top, false, false, false};
-      for (size_t k = 3; k < kP; ++k) {
-        const bool present = k == 3 || (k == 4 ? ln_gates[l].has_value() : k == 5 ? ln_cell_w[l].has_value()
-                                                                                    : ln_cell_b[l].has_value());
-        mask[9 + k - 3] = need_p(l, k) && present;
-      }
+      for (size_t k = 3; k < kP; ++k) mask[9 + k - 3] = small[l][k].defined();  // needed and present
       const bool want_ds = wg[l].has_value();
       at::Tensor slot;
       if (want_ds) slot = wg[l]->slot(t);
