@@ -294,6 +294,23 @@ def measure(suite: str, provider: str, mode: str, size: Size, dtype: torch.dtype
     return rec
 
 
+def combine_rounds(recs: list[Record]) -> Record:
+    """One provider's record from its interleaved rounds: the median of the rounds' medians (a failed round
+    makes the record a failure). The rounds' medians are kept in extra["round_medians_s"]."""
+    failed = [r for r in recs if r.median_s is None]
+    if len(recs) == 1 or failed:
+        return (failed or recs)[0]
+    rec = recs[0]
+    medians = [r.median_s for r in recs]
+    q = statistics.quantiles(medians, n=4)
+    rec.median_s, rec.iqr_s, rec.runs = statistics.median(medians), q[2] - q[0], sum(r.runs for r in recs)
+    rec.chars_per_s = rec.B * rec.T / rec.median_s
+    peaks = [r.peak_mem_bytes for r in recs if r.peak_mem_bytes is not None]
+    rec.peak_mem_bytes = max(peaks) if peaks else None
+    rec.extra["round_medians_s"] = medians
+    return rec
+
+
 def add_speedups(records: list[Record]) -> None:
     """speedup_vs_lstm = t(nn.LSTM) / t(provider), for the same suite, size, mode and dtype in this run."""
     key = lambda r: (r.suite, r.B, r.T, r.H, r.L, r.mode, r.dtype)  # noqa: E731
@@ -314,6 +331,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--modes", nargs="+", default=["fw", "fwbw"], choices=["fw", "fwbw"])
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleave the providers of each size and mode over this many rounds (min-time split "
+                        "between them; the order reverses every round) and report the median round: a machine "
+                        "whose speed drifts over minutes then biases every provider alike")
     p.add_argument("--skip", nargs="*", default=[],
                    help="provider:suite pairs to leave out, e.g. hmlstm-reference:text8 (too slow)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -347,16 +368,30 @@ def main(argv: Optional[list[str]] = None) -> None:
             if f"{prov}:{s}" not in args.skip and not (not prov.startswith("hmlstm-")
                                                        and size.rate not in (None, 1.0))
             and not (prov == "lstm-fp16-layers" and dt != "float32")]
-    for n, (suite, size, prov, mode, dt) in enumerate(todo, 1):
-        rec = measure(suite, prov, mode, size, getattr(torch, dt), device, args.min_time)
-        records.append(rec)
-        shown = f"{rec.median_s * 1e3:9.2f} ms" if rec.median_s else f"FAILED {rec.error}"
-        print(f"[{n}/{len(todo)}] {suite:6s} {prov:18s} {mode:4s} {dt:8s} B={size.B:<3d} T={size.T:<4d} "
-              f"H={size.H:<4d} rate={size.rate} {shown}", flush=True)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    # cells: the providers of one suite, size, mode and dtype, measured together (interleaved with --rounds)
+    cells: dict[tuple, list[str]] = {}
+    for suite, size, prov, mode, dt in todo:
+        cells.setdefault((suite, size, mode, dt), []).append(prov)
+    n = 0
+    for (suite, size, mode, dt), provs in cells.items():
+        rounds: dict[str, list[Record]] = {prov: [] for prov in provs}
+        for k in range(args.rounds):
+            for prov in (provs if k % 2 == 0 else provs[::-1]):
+                rounds[prov].append(measure(suite, prov, mode, size, getattr(torch, dt), device,
+                                            args.min_time / args.rounds))
+        for prov in provs:
+            rec = combine_rounds(rounds[prov])
+            records.append(rec)
+            n += 1
+            shown = f"{rec.median_s * 1e3:9.2f} ms" if rec.median_s else f"FAILED {rec.error}"
+            print(f"[{n}/{len(todo)}] {suite:6s} {prov:18s} {mode:4s} {dt:8s} B={size.B:<3d} T={size.T:<4d} "
+                  f"H={size.H:<4d} rate={size.rate} {shown}", flush=True)
         add_speedups(records)
         result["records"] = [asdict(r) for r in records]
         tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:  # written after every record: an interrupted sweep keeps what it measured
+        with open(tmp, "w") as f:  # written after every cell: an interrupted sweep keeps what it measured
             json.dump(result, f, indent=1)
         os.replace(tmp, args.out)
     print(f"wrote {len(records)} records to {args.out}")

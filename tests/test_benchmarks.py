@@ -58,6 +58,21 @@ def test_run_and_report_end_to_end(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interleaved_rounds_report_the_median_round(tmp_path):
+    out = tmp_path / "rounds.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suites", "smoke", "--min-time", "0.03",
+           "--rounds", "3", "--modes", "fw", "--providers", "hmlstm-reference", "lstm", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    recs = json.loads(out.read_text())["records"]
+    assert len(recs) == 5  # 3 sizes for hmlstm-reference, 2 for lstm (none at a forced rate below 100%)
+    for r in recs:
+        rounds = r["extra"]["round_medians_s"]
+        assert len(rounds) == 3 and all(t > 0 for t in rounds)
+        assert r["median_s"] == sorted(rounds)[1]
+    bad = subprocess.run(cmd[:-2] + ["--rounds", "0", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--rounds must be at least 1" in bad.stderr
+
+
 PTB = ROOT.parent / "shared" / "data" / "ptb"
 
 
