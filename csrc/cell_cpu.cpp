@@ -190,6 +190,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_fwd_cpu(
 using TensorVec = std::vector<at::Tensor>;
 using OptTensorVec = std::vector<std::optional<at::Tensor>>;
 
+// The inputs of layer-step (l, t) in seq_fwd's buffers (slot 0 the initial state, slot t + 1 step t), for both
+// sequence ops. noise: (T, L-1, B) or nothing.
+struct SeqSteps {
+  const at::Tensor& x;
+  const TensorVec &hs, &cs, &zs, &W, &U, &V, &b;
+  const OptTensorVec &ln_gates, &ln_cell_w, &ln_cell_b;
+  const std::optional<at::Tensor>& noise;
+  int64_t mode;
+  at::Tensor ones, zeros, no_above;
+
+  SeqSteps(const at::Tensor& x_, const TensorVec& hs_, const TensorVec& cs_, const TensorVec& zs_,
+           const TensorVec& W_, const TensorVec& U_, const TensorVec& V_, const TensorVec& b_,
+           const OptTensorVec& lng, const OptTensorVec& lcw, const OptTensorVec& lcb,
+           const std::optional<at::Tensor>& noise_, int64_t mode_)
+      : x(x_), hs(hs_), cs(cs_), zs(zs_), W(W_), U(U_), V(V_), b(b_), ln_gates(lng), ln_cell_w(lcw),
+        ln_cell_b(lcb), noise(noise_), mode(mode_), ones(at::ones({x_.size(1)}, x_.options())),
+        zeros(at::zeros({x_.size(1)}, x_.options())), no_above(at::empty({x_.size(1), 0}, x_.options())) {
+    const int64_t T = x.size(0), B = x.size(1), L = static_cast<int64_t>(hs.size());
+    if (mode == kSample && L > 1) {
+      TORCH_CHECK(noise.has_value() && noise->dim() == 3 && noise->size(0) == T && noise->size(1) == L - 1 &&
+                      noise->size(2) == B,
+                  "hmlstm::seq_fwd/seq_bwd: boundary_mode 1 (sample) needs noise of shape (T, L - 1, B) = (", T, ", ",
+                  L - 1, ", ", B, "), got ", noise.has_value() ? noise->sizes() : at::IntArrayRef{});
+    }
+  }
+
+  Inputs at(size_t l, int64_t t) const {
+    const bool top = l + 1 == hs.size();
+    std::optional<at::Tensor> n;
+    if (mode == kSample && !top) n = noise->select(0, t).select(0, l);
+    return Inputs(l == 0 ? x.select(0, t) : hs[l - 1].select(0, t + 1), l == 0 ? ones : zs[l - 1].select(0, t + 1),
+                  hs[l].select(0, t), cs[l].select(0, t), top ? zeros : zs[l].select(0, t),
+                  top ? no_above : hs[l + 1].select(0, t), W[l], U[l], V[l], b[l], ln_gates[l], ln_cell_w[l],
+                  ln_cell_b[l], n, mode);
+  }
+};
+
 // L layers over T steps (hmlstm.sequence.stepwise_forward's loop) into (T, B, .) buffers allocated once.
 // Why: with the loop in Python, the per-step outputs were stacked afterwards (a copy of every h, c and z)
 // and each of the T * L steps paid the interpreter and a fresh allocation per output.
@@ -211,13 +248,6 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> seq_fwd_cpu(
               " of each), i.e. ", 3 * L, " entries, got ", packed.size());
   TORCH_CHECK(x.dim() == 3, "hmlstm::seq_fwd: x must be (T, B, I) (time first), got ", x.sizes());
   const int64_t T = x.size(0), B = x.size(1);
-  const bool sample = boundary_mode == kSample && L > 1;
-  if (sample) {
-    TORCH_CHECK(noise.has_value() && noise->dim() == 3 && noise->size(0) == T && noise->size(1) == int64_t(L - 1) &&
-                    noise->size(2) == B,
-                "hmlstm::seq_fwd: boundary_mode 1 (sample) needs noise of shape (T, L - 1, B) = (", T, ", ", L - 1,
-                ", ", B, "), got ", noise.has_value() ? noise->sizes() : at::IntArrayRef{});
-  }
   const auto opts = x.options();
   // Slot 0 of hs, cs, zs holds the initial state, slot t + 1 step t: h_{t-1} is hs[t] for every t, and a span
   // of steps' inputs is one view (the backward's weight-gradient GEMMs read them so).
@@ -241,25 +271,13 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> seq_fwd_cpu(
     }
     pres[l] = save ? new_output({T, B, U[l].size(0)}, opts, poison) : at::empty({0}, opts);
   }
-  const at::Tensor ones = at::ones({B}, opts), zeros = at::zeros({B}, opts), empty = at::empty({0}, opts);
-  const at::Tensor no_above = at::empty({B, 0}, opts);
-  const bool any_packed = !packed.empty();
+  const SeqSteps steps(x, hs, cs, zs, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+  const at::Tensor empty = at::empty({0}, opts);
   for (int64_t t = 0; t < T; ++t) {
-    at::Tensor below = x.select(0, t), z_below = ones;
     for (size_t l = 0; l < L; ++l) {
-      const bool top = l + 1 == L;
-      const at::Tensor ha = top ? no_above : hs[l + 1].select(0, t);
-      std::optional<at::Tensor> n;
-      if (sample && !top) n = noise->select(0, t).select(0, l);
-      const Inputs in(below, z_below, hs[l].select(0, t), cs[l].select(0, t), top ? zeros : zs[l].select(0, t), ha,
-                      W[l], U[l], V[l], b[l], ln_gates[l], ln_cell_w[l], ln_cell_b[l], n, boundary_mode);
-      const at::Tensor h_t = hs[l].select(0, t + 1), c_t = cs[l].select(0, t + 1);
-      const at::Tensor z_t = top ? empty : zs[l].select(0, t + 1);
-      const at::Tensor pre = save ? pres[l].select(0, t) : empty;
-      forward_step(in, boundary_mode, recompute, slope, save, dense_copy, packed, any_packed ? 3 * l : packed.size(),
-                   h_t, c_t, z_t, pre);
-      below = h_t;
-      z_below = top ? ones : z_t;
+      const at::Tensor z_t = l + 1 == L ? empty : zs[l].select(0, t + 1);
+      forward_step(steps.at(l, t), boundary_mode, recompute, slope, save, dense_copy, packed, 3 * l,
+                   hs[l].select(0, t + 1), cs[l].select(0, t + 1), z_t, save ? pres[l].select(0, t) : empty);
     }
   }
   return {hs, cs, zs, pres};
@@ -496,10 +514,8 @@ std::vector<at::Tensor> seq_bwd_cpu(
   TORCH_CHECK(chunk_rows >= 1, "hmlstm::seq_bwd: chunk_rows must be positive, got ", chunk_rows);
   const int64_t T = x.size(0), B = x.size(1);
   const auto opts = x.options();
-  const bool sample = boundary_mode == kSample && L > 1;
-  const bool any_packed = !packed.empty();
-  const at::Tensor ones = at::ones({B}, opts), zeros = at::zeros({B}, opts), empty = at::empty({0}, opts);
-  const at::Tensor no_above = at::empty({B, 0}, opts);
+  const SeqSteps steps_in(x, hs, cs, zs, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
+  const at::Tensor empty = at::empty({0}, opts);
   auto need_p = [&](size_t l, size_t k) { return needs[1 + 3 * L - 1 + kP * l + k] != 0; };
   // pending gradients of the step the loop is about to process: gh[l], gc[l] of h_t^l, c_t^l, gz[l] of z_t^l
   TensorVec gh(L), gc(L), gz(L - 1);
@@ -535,13 +551,6 @@ std::vector<at::Tensor> seq_bwd_cpu(
   for (int64_t t = T - 1; t >= 0; --t) {
     for (size_t l = L; l-- > 0;) {
       const bool top = l + 1 == L;
-      const at::Tensor below = l == 0 ? x.select(0, t) : hs[l - 1].select(0, t + 1);
-      const at::Tensor z_below = l == 0 ? ones : zs[l - 1].select(0, t + 1);
-      std::optional<at::Tensor> nz;
-      if (sample && !top) nz = noise->select(0, t).select(0, l);
-      const Inputs in(below, z_below, hs[l].select(0, t), cs[l].select(0, t), top ? zeros : zs[l].select(0, t),
-                      top ? no_above : hs[l + 1].select(0, t), W[l], U[l], V[l], b[l], ln_gates[l], ln_cell_w[l],
-                      ln_cell_b[l], nz, boundary_mode);
       const at::Tensor g_h = grad_h[l].has_value() ? gh[l] + grad_h[l]->select(0, t) : gh[l];
       const at::Tensor g_c = grad_c[l].has_value() ? gc[l] + grad_c[l]->select(0, t) : gc[l];
       at::Tensor g_z = empty;
@@ -552,13 +561,13 @@ std::vector<at::Tensor> seq_bwd_cpu(
       at::Tensor slot;
       if (want_ds) slot = wg[l]->slot(t);
       const std::vector<at::Tensor> out =
-          backward_step(in, g_h, g_c, g_z, slope, pres[l].select(0, t), boundary_mode, recompute, dense_copy, mask,
-                        want_ds, packed, any_packed ? 3 * l : packed.size(), poison, want_ds ? &slot : nullptr);
+          backward_step(steps_in.at(l, t), g_h, g_c, g_z, slope, pres[l].select(0, t), boundary_mode, recompute,
+                        dense_copy, mask, want_ds, packed, 3 * l, poison, want_ds ? &slot : nullptr);
       for (size_t k = 3; k < kP; ++k) {
         if (mask[9 + k - 3]) small[l][k].add_(out[6 + k]);
       }
       if (want_ds) {
-        if (!out[13].is_same(slot)) slot.copy_(out[13]);
+        TORCH_INTERNAL_ASSERT(out[13].is_same(slot), "hmlstm::seq_bwd: ds must have been written into its slot");
         wg[l]->slot_copy().copy_(out[14]);
         wg[l]->n += 1;
         if (wg[l]->full()) flush(l);
