@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "cell_common.h"
+#include "host_cache.h"
 
 #include <algorithm>
 #include <cmath>
@@ -227,6 +228,13 @@ struct SeqSteps {
   }
 };
 
+// A large per-call buffer of the sequence ops, from the cache (host_cache.h), NaN-filled when poisoning.
+at::Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& opts, bool poison) {
+  at::Tensor t = cached_empty(shape, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 // L layers over T steps (hmlstm.sequence.stepwise_forward's loop) into (T, B, .) buffers allocated once.
 // Why: with the loop in Python, the per-step outputs were stacked afterwards (a copy of every h, c and z)
 // and each of the T * L steps paid the interpreter and a fresh allocation per output.
@@ -258,18 +266,18 @@ std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> seq_fwd_cpu(
     TORCH_CHECK(h0[l].size(0) == B && c0[l].sizes() == h0[l].sizes(), "hmlstm::seq_fwd: h0[", l,
                 "] and c0[", l, "] must be (B, H) with B = ", B, " (from x), got ", h0[l].sizes(), " and ", c0[l].sizes());
     const int64_t H = h0[l].size(1);
-    hs[l] = new_output({T + 1, B, H}, opts, poison);
-    cs[l] = new_output({T + 1, B, H}, opts, poison);
+    hs[l] = new_buffer({T + 1, B, H}, opts, poison);
+    cs[l] = new_buffer({T + 1, B, H}, opts, poison);
     hs[l].select(0, 0).copy_(h0[l]);
     cs[l].select(0, 0).copy_(c0[l]);
     if (l + 1 < L) {
       checked(z0[l], "z0", 1, x);
       TORCH_CHECK(z0[l].size(0) == B, "hmlstm::seq_fwd: z0[", l, "] must be (B,) with B = ", B,
                   ", got ", z0[l].sizes());
-      zs[l] = new_output({T + 1, B}, opts, poison);
+      zs[l] = new_buffer({T + 1, B}, opts, poison);
       zs[l].select(0, 0).copy_(z0[l]);
     }
-    pres[l] = save ? new_output({T, B, U[l].size(0)}, opts, poison) : at::empty({0}, opts);
+    pres[l] = save ? new_buffer({T, B, U[l].size(0)}, opts, poison) : at::empty({0}, opts);
   }
   const SeqSteps steps(x, hs, cs, zs, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, noise, boundary_mode);
   const at::Tensor empty = at::empty({0}, opts);
@@ -460,8 +468,9 @@ struct WeightGrads {
   bool recompute_row = false;
 
   WeightGrads(const at::Tensor& W, const at::Tensor& U, const at::Tensor& V, int64_t steps, int64_t B, bool rr)
-      : dW(at::zeros_like(W)), dU(at::zeros_like(U)), dV(at::zeros_like(V)),
-        buf(at::empty({steps, B, U.size(0)}, U.options())), buf_copy(at::empty({steps, B}, U.options())),
+      : dW(cached_empty(W.sizes(), W.options()).zero_()), dU(cached_empty(U.sizes(), U.options()).zero_()),
+        dV(cached_empty(V.sizes(), V.options()).zero_()), buf(cached_empty({steps, B, U.size(0)}, U.options())),
+        buf_copy(cached_empty({steps, B}, U.options())),
         recompute_row(rr) {}
 
   // The next slot (filled from the end, so that the buffer ends up in increasing t) for step t.
@@ -535,7 +544,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
       if (need_p(l, k) && vec[k].has_value()) small[l][k] = at::zeros_like(*vec[k]);
     }
   }
-  at::Tensor dx = needs[0] != 0 ? new_output({T, B, x.size(2)}, opts, poison) : at::empty({0}, opts);
+  at::Tensor dx = needs[0] != 0 ? new_buffer({T, B, x.size(2)}, opts, poison) : at::empty({0}, opts);
   // the inputs of layer l over steps t0..t1-1, flattened to rows (as seq_fwd's buffers lay them out)
   auto flush = [&](size_t l) {
     WeightGrads& w = *wg[l];

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "host_cache.h"
+
 TORCH_LIBRARY(hmlstm, m) {
   // One layer-step, the forward of hmlstm.reference.naive_cell_step. Returns h_t, c_t (B, H), z_t (B,)
   // ((0,) for a layer without boundary row) and `pre` (B, G): the bias-free pre-activations the backward
@@ -62,6 +64,10 @@ TORCH_LIBRARY(hmlstm, m) {
       "Tensor[] U, Tensor[] V, Tensor[] b, Tensor?[] ln_gates, Tensor?[] ln_cell_w, Tensor?[] ln_cell_b, "
       "Tensor slope, Tensor? noise, int boundary_mode, bool recompute, bool dense_copy, int[] needs, "
       "Tensor?[] packed, int chunk_rows, bool poison) -> Tensor[]");
+  // The CPU sequence ops' buffer cache (host_cache.h): [bytes in free blocks, bytes in use, reuses, fresh
+  // allocations, limit in bytes], and freeing the blocks not in use.
+  m.def("cpu_cache_info() -> int[]", &hmlstm::cpu_cache_info);
+  m.def("cpu_cache_clear() -> ()", &hmlstm::cpu_cache_clear);
 }
 
 // `import hmlstm._C` only has to load this library so that the registrations above run; the module

@@ -134,6 +134,28 @@ if _IMPORT_ERROR is None:
     torch.library.register_autograd("hmlstm::cell_fwd", _backward, setup_context=_setup_context)
 
 
+def cpu_cache_info() -> dict[str, int]:
+    """The C++ backend's cache of large CPU buffers (csrc/host_cache.h).
+
+    The sequence ops take their large buffers (the per-step states, pre-activations and gradient chunks)
+    from it and return them when the last tensor using them is gone, so repeated calls of one size reuse
+    memory instead of faulting in fresh pages. Returns the bytes held in free blocks (`cached`), the bytes
+    in blocks still in use (`in_use`), the number of `reuses` and of fresh `allocations`, and the `limit`
+    on cached bytes (environment variable HMLSTM_CPU_CACHE_MB, default 2048; 0 turns the cache off).
+    """
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"backend='cpp' is not available: {unavailable_reason('cpu')}")
+    cached, in_use, reuses, allocations, limit = torch.ops.hmlstm.cpu_cache_info()
+    return {"cached": cached, "in_use": in_use, "reuses": reuses, "allocations": allocations, "limit": limit}
+
+
+def empty_cpu_cache() -> None:
+    """Free the cached CPU buffers not in use (see `cpu_cache_info`); blocks in use are kept. Without the
+    extension there is no cache, and this does nothing."""
+    if _IMPORT_ERROR is None:
+        torch.ops.hmlstm.cpu_cache_clear()
+
+
 def fused_cell_step(
     x: Tensor,
     z_below: Tensor,

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import weakref
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -71,23 +73,43 @@ def _can_pack(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _pack(params: Sequence[LayerParams], rows: int, transpose: bool) -> list[list[Optional[Tensor]]]:
+# Forward-packed weights of inference calls, per (id(weight), rows, transpose): reused while the weight is the same
+# tensor with the same storage and version counter (an optimizer step or load_state_dict bumps it), so that
+# the batches of an evaluation or of generation pack once. Why: packing the PTB model's weights costs about
+# 24 ms, 5% of its forward. Training changes the weights every step, so its calls do not use this.
+_PACKED: dict[tuple[int, int, bool], tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+def _pack_one(w: Tensor, rows: int, gates: int, transpose: bool, reuse: bool) -> Optional[Tensor]:
+    if w.numel() == 0:
+        return None
+    key = (id(w), rows, transpose)
+    if reuse:
+        hit = _PACKED.get(key)
+        if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
+            return hit[3]
+    d = w.detach()
+    d = d.t().contiguous() if transpose else d[:gates].contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(d, rows)
+    if reuse:
+        # the entry goes when the weight does (its id may then be reused by another tensor)
+        _PACKED[key] = (weakref.ref(w, lambda _, k=key: _PACKED.pop(k, None)), w._version, w.data_ptr(), packed)
+    return packed
+
+
+def _pack(params: Sequence[LayerParams], rows: int, transpose: bool,
+          reuse: bool = False) -> list[list[Optional[Tensor]]]:
     """Per layer [W, U, V] in oneDNN's packed layout, for products of `rows` rows: for the forward
-    (cell_fwd) their 4H gate rows, for the backward (cell_bwd) the whole transposes."""
-    def one(w: Tensor, gates: int) -> Optional[Tensor]:
-        if w.numel() == 0:
-            return None
-        w = w.detach()
-        w = w.t().contiguous() if transpose else w[:gates].contiguous()
-        return torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    return [[one(w, 4 * p.U.shape[1]) for w in (p.W, p.U, p.V)] for p in params]
+    (cell_fwd) their 4H gate rows, for the backward (cell_bwd) the whole transposes. `reuse`: take and
+    keep them in _PACKED (forward only)."""
+    return [[_pack_one(w, rows, 4 * p.U.shape[1], transpose, reuse) for w in (p.W, p.U, p.V)] for p in params]
 
 
-def _packed_flat(params: Sequence[LayerParams], x: Tensor, transpose: bool) -> list[Optional[Tensor]]:
+def _packed_flat(params: Sequence[LayerParams], x: Tensor, transpose: bool, reuse: bool = False) -> list[Optional[Tensor]]:
     """The ops' `packed` argument: [W, U, V] of every layer in turn, or [] (no packing)."""
     if not _can_pack(x):
         return []
-    return [w for layer in _pack(params, x.shape[0], transpose) for w in layer]
+    return [w for layer in _pack(params, x.shape[0], transpose, reuse and not transpose) for w in layer]
 
 
 def _forward_loop(spec: _Spec, x_t: Tensor, slope: Tensor, noise_t: Optional[Tensor], h0, c0, z0,
@@ -97,7 +119,7 @@ def _forward_loop(spec: _Spec, x_t: Tensor, slope: Tensor, noise_t: Optional[Ten
     dense_copy = save and spec.L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
     hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(
         x_t, list(h0), list(c0), list(z0), *_fields(params), slope, noise_t, spec.mode, spec.recompute, save,
-        dense_copy, _packed_flat(params, x_t[0], False), spec.poison)
+        dense_copy, _packed_flat(params, x_t[0], False, reuse=not save), spec.poison)
     return hs, cs, zs, pres, dense_copy
 
 
@@ -143,7 +165,8 @@ class FusedSequence(torch.autograd.Function):
         needs = ctx.needs_input_grad
         gH, gC, gZ = grads[:L], grads[L:2 * L], grads[2 * L:3 * L - 1]
         gHT, gCT, gZT = grads[3 * L - 1:4 * L - 1], grads[4 * L - 1:5 * L - 1], grads[5 * L - 1:]
-        per_step = lambda g: g.transpose(0, 1).contiguous() if g is not None else None  # noqa: E731  (T, B, ...)
+        # (T, B, ...) views: seq_bwd reads one step of them at a time, so a contiguous copy would only cost
+        per_step = lambda g: g.transpose(0, 1) if g is not None else None  # noqa: E731
         final = lambda gs, like: [g if g is not None else torch.zeros_like(t) for g, t in zip(gs, like)]  # noqa: E731
         # forward's inputs: spec, x, slope, noise, then the 3L - 1 state tensors and the parameters
         flags = [int(n) for n in (needs[1], *needs[4:])]
