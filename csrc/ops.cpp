@@ -1,6 +1,7 @@
 // The op schemas of the fused HM-LSTM layer-step, declared once for every device.
 //
-// Kernels: cell_cpu.cpp (CPU: all three), cell_cuda.cu (CUDA: cell_fwd and cell_bwd).
+// Kernels: cell_cpu.cpp (CPU: the four compute ops), cell_cuda.cu (CUDA: cell_fwd and cell_bwd), host_cache.cpp
+// (cpu_cache_info, cpu_cache_clear: the CPU ops' buffer cache).
 // Fake (shape-only) kernels and the autograd formula are registered in Python (hmlstm/ops/cpp.py).
 //
 // The Triton backend adds Python ops to the same namespace (hmlstm::triton_*) as a torch.library

@@ -39,8 +39,8 @@ from ..state import HMLSTMOutput, HMLSTMState
 from .cpp import _MODES
 
 # Rows of one weight-gradient GEMM (whole steps, at least one): large enough to run at full speed, small
-# enough that its ds buffer (2048 x 2049 floats at PTB size, 17 MB) is reused by the allocator rather than
-# mapped afresh (a fresh 52 MB per layer cost 49 ms of a 1.6 s training step).
+# enough that the ds buffer stays small (2048 x 2049 floats at PTB size, 17 MB; a fresh 52 MB per layer once
+# cost 49 ms of a 1.6 s training step, before csrc/host_cache.h reused buffers) and long sequences stay bounded.
 CHUNK_ROWS = 2048
 USE_PACKED_WEIGHTS = True
 _N_PARAMS = len(LayerParams._fields)  # W, U, V, b, ln_gates, ln_cell_w, ln_cell_b
