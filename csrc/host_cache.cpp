@@ -117,7 +117,8 @@ HostCache& cache() {
 
 at::Tensor cached_empty(at::IntArrayRef shape, const at::TensorOptions& opts) {
   TORCH_CHECK(opts.device().is_cpu(), "hmlstm: cached_empty is for CPU tensors, got ", opts.device());
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(shape)) * c10::elementSize(opts.dtype().toScalarType());
+  const size_t bytes =
+      static_cast<size_t>(c10::multiply_integers(shape)) * c10::elementSize(opts.dtype().toScalarType());
   HostCache& c = cache();
   if (bytes < kCachedMinBytes || c.limit() == 0) return at::empty(shape, opts);
   void* p = c.acquire(bytes);

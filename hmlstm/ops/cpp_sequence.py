@@ -25,10 +25,9 @@ csrc/cell_cpu.cpp for the measured reason). USE_PACKED_WEIGHTS = False turns thi
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
-
-import weakref
 
 import torch
 from torch import Tensor
@@ -73,8 +72,8 @@ def _can_pack(x: Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-# Forward-packed weights of inference calls, per (id(weight), rows, transpose): reused while the weight is the same
-# tensor with the same storage and version counter (an optimizer step or load_state_dict bumps it), so that
+# Forward-packed weights of inference calls, per (id(weight), rows, transpose): reused while the weight is the
+# same tensor with the same storage and version counter (an optimizer step or load_state_dict bumps it), so that
 # the batches of an evaluation or of generation pack once. Why: packing the PTB model's weights costs about
 # 24 ms, 5% of its forward. Training changes the weights every step, so its calls do not use this.
 _PACKED: dict[tuple[int, int, bool], tuple[weakref.ref, int, int, Tensor]] = {}
@@ -105,7 +104,8 @@ def _pack(params: Sequence[LayerParams], rows: int, transpose: bool,
     return [[_pack_one(w, rows, 4 * p.U.shape[1], transpose, reuse) for w in (p.W, p.U, p.V)] for p in params]
 
 
-def _packed_flat(params: Sequence[LayerParams], x: Tensor, transpose: bool, reuse: bool = False) -> list[Optional[Tensor]]:
+def _packed_flat(params: Sequence[LayerParams], x: Tensor, transpose: bool,
+                 reuse: bool = False) -> list[Optional[Tensor]]:
     """The ops' `packed` argument: [W, U, V] of every layer in turn, or [] (no packing)."""
     if not _can_pack(x):
         return []
