@@ -240,7 +240,8 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
             std::fill(pr, pr + G, T(0));
           }
         }
-        if (L.has_z) z_out[r] = L.recompute ? boundary_value(uz + L.b[H4], L.slope, L.mode, noise) : zb;
+        // recompute: z~ of s = U h + b (both gated terms off); hold: the COPY branch's z is the constant 0
+        if (L.has_z) z_out[r] = L.recompute ? boundary_value(uz + L.b[H4], L.slope, L.mode, noise) : T(0);
         continue;
       }
       T* s = pre_out != nullptr ? pre_out + r * G : sbuf.data();
@@ -280,10 +281,9 @@ void forward_rows(const Cell<T>& L, const Rows& rs, const T* preU, const std::ve
         ho[j] = hn;
       }
       if (L.has_z) {
+        // docs/spec.md, the boundary rule: recompute z = z~; hold z = z~ (1 - (1 - zb)(1 - zu))
         const T zhat = boundary_value(s[H4] + L.b[H4], L.slope, L.mode, noise);
-        T zc = 0;
-        if (keep) zc = L.recompute ? boundary_value(uz + L.b[H4], L.slope, L.mode, noise) : zb;
-        z_out[r] = zb * zhat + (T(1) - zb) * (zu * zhat + (keep ? (T(1) - zu) * zc : T(0)));
+        z_out[r] = L.recompute ? zhat : zhat * (T(1) - (T(1) - zb) * (T(1) - zu));
       }
     }
   });
@@ -304,23 +304,20 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       const T noise = L.noise != nullptr ? L.noise[r] : T(0);
       T *dhp = o.dh + r * H, *dcp = o.dc + r * H;
       const int64_t k = rs.pos[r];
-      // z_copy and, under `recompute`, its own straight-through path into U[4H], h and b[4H].
-      T zc = zb, s_copy = 0;
-      const bool need_zc = L.has_z && L.recompute && (wC != T(0) || zgrad);
-      if (need_zc) {
-        s_copy = recompute_pre<T>(L, r);
-        zc = boundary_value(s_copy, L.slope, L.mode, noise);
-      }
       for (int64_t j = 0; j < H; ++j) {
         dcp[j] = wC * dc[j];
         dhp[j] = wC * dh[j];
       }
+      // recompute on a COPY row (no ds row): z = z~(U h + z_{t-1} V h' + z^{l-1} W x + b) with both gates 0,
+      // so its straight-through gradient ds_copy reaches U[4H], h and b[4H], and z_{t-1} and z^{l-1} through
+      // the gated products (V h')[4H] and (W x)[4H].
+      T ds_copy = 0;
       if (L.has_z && L.recompute) {
-        const T d = wC != T(0) ? dz * wC * boundary_grad(s_copy, L.slope, L.mode) : T(0);
-        o.ds_copy[r] = d;
-        if (d != T(0)) {
+        if (k < 0) ds_copy = dz * boundary_grad(recompute_pre<T>(L, r), L.slope, L.mode);
+        o.ds_copy[r] = ds_copy;
+        if (ds_copy != T(0)) {
           const T* u4 = L.U + H4 * H;
-          for (int64_t j = 0; j < H; ++j) dhp[j] += d * u4[j];
+          for (int64_t j = 0; j < H; ++j) dhp[j] += ds_copy * u4[j];
         }
       }
       if (k < 0 && !zgrad) continue;  // COPY, nothing else wanted: h and c gradients pass through
@@ -347,13 +344,17 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
                  dh[j] * (hf - (zu * hu + (T(1) - zu) * hr[j]));
         });
         T acc_u = sum8<T>(H, [&](int64_t j) { return dc[j] * (cu[j] - cr[j]) + dh[j] * (og[j] * au[j] - hr[j]); });
-        if (L.has_z) {
-          acc_b += dz * (zhat - (zu * zhat + (T(1) - zu) * zc));
-          if (!L.recompute) acc_b += dz * wC;  // hold: z_copy is z_{t-1} itself
-          acc_u += dz * (zhat - zc);
+        acc_u *= T(1) - zb;
+        if (L.has_z && !L.recompute) {  // hold: z = z~ (1 - (1 - zb)(1 - zu))
+          acc_b += dz * zhat * (T(1) - zu);
+          acc_u += dz * zhat * (T(1) - zb);
+        }
+        if (ds_copy != T(0)) {  // recompute on a COPY row: the gated products (active rows: gated_term_backward)
+          acc_b += ds_copy * dot(L.ha + r * L.Ha, L.V + H4 * L.Ha, L.Ha);
+          acc_u += ds_copy * dot(L.x + r * L.I, L.W + H4 * L.I, L.I);
         }
         o.dzb[r] = acc_b;
-        o.dzu[r] = (T(1) - zb) * acc_u;
+        o.dzu[r] = acc_u;
       }
       if (k < 0) continue;  // COPY: the gates do not reach any output
 
@@ -393,7 +394,7 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
       } else {
         std::copy(da.begin(), da.end(), ds);
       }
-      if (L.has_z) ds[H4] = dz * (zb + (T(1) - zb) * zu) * boundary_grad(s_z, L.slope, L.mode);
+      if (L.has_z) ds[H4] = dz * (L.recompute ? T(1) : T(1) - wC) * boundary_grad(s_z, L.slope, L.mode);
     }
   });
 }

@@ -15,7 +15,15 @@ the layer below, 1 for the first layer):
 
 The reference writes the choice arithmetically with z as a 0/1 float (PAPER.md, "the reference
 gradient"), so the straight-through gradient reaches every boundary through every branch and every
-gated term. This dense gradient is what the fused ops must reproduce.
+gated term. This dense gradient is what the fused ops must reproduce. The boundary itself is written so
+that no branch carries z_{t-1} forward as a value:
+
+    hold:       z_t = z~_t * (1 - (1 - z_{t-1}) * (1 - z_t^{l-1}))    (0 on COPY, z~_t otherwise)
+    recompute:  z_t = z~_t on every step, from the full pre-activation (s = U h + b on COPY)
+
+The earlier form z_t = z_{t-1} z~ + (1 - z_{t-1})(z^{l-1} z~ + (1 - z^{l-1}) z_{t-1}) has the same values but
+dz_t/dz_{t-1} = 1 + z~ on a COPY step, which doubles the gradient carried back along z at every COPY step
+whose boundary unit would fire (docs/spec.md, "The boundary gradient").
 
 Layer normalization (PAPER.md leaves the placement to the code). Decision: following Ba et al.'s
 LN-LSTM, normalize the 4H gate pre-activations and the cell state before the tanh of h:
@@ -131,12 +139,12 @@ def naive_cell_step(
 
     if not cfg.has_boundary:
         return h_new, c_new, None
-    zb1, zu1 = z, z_below
     z_hat = boundary(pre[:, 4 * H] + p.b[4 * H], slope, cfg.boundary, noise)
-    if cfg.copy_boundary == "hold":
-        z_copy = z  # COPY keeps z_{t-1} (= 0): a pure no-op
-    else:
-        # "recompute": the boundary unit from the ungated recurrent term alone
-        z_copy = boundary(h @ p.U[4 * H] + p.b[4 * H], slope, cfg.boundary, noise)
-    z_new = zb1 * z_hat + (1 - zb1) * (zu1 * z_hat + (1 - zu1) * z_copy)
+    if cfg.copy_boundary == "recompute":
+        # z~ from the full pre-activation on every step, no select on z (on COPY both gated terms are 0,
+        # so s = U h + b): the gradient reaches z_{t-1} and z^{l-1} only through the gated products.
+        return h_new, c_new, z_hat
+    # "hold": the COPY branch's z is the constant 0 it equals, so no branch carries z_{t-1} forward as a
+    # value (docs/spec.md, "the boundary gradient"): dz_t/dz_{t-1} on a COPY step is z~ (1 - z^{l-1}).
+    z_new = z_hat * (1 - (1 - zb[:, 0]) * (1 - zu[:, 0]))
     return h_new, c_new, z_new

@@ -151,23 +151,66 @@ def test_layer_norm_placement():
     torch.testing.assert_close(z1, ((pre[:, 4 * H] + p.b[4 * H]) > 0).double())  # boundary unit not normalized
 
 
-def test_hold_rule_gives_the_z_path_a_gain_of_1_plus_z_tilde_on_copy_steps():
-    """PAPER.md's dense `hold` rule, z_t = z_{t-1} z~ + (1 - z_{t-1})(z^{l-1} z~ + (1 - z^{l-1}) z_{t-1}), has
-    d z_t / d z_{t-1} = 1 + z~ on a COPY step: the gradient carried back along z doubles on every COPY step whose
-    detector would fire, which is the exploding gradient README "Reproducing the paper" measures on PTB.
-    Under `recompute` the same derivative is z~ - z_copy = 0 on COPY rows (both come from U h + b)."""
-    p, x, h, c, ha = random_layer(seed=3)
-    p = p._replace(V=torch.zeros_like(p.V))  # no top-down term: z_{t-1} reaches z_t only through the rule itself
-    zu = torch.zeros(B)  # COPY on every row
+def old_dense_z(z_hat, z_copy, zb, zu):
+    """The boundary rule before 2026-12-01: z_t = z_{t-1} z~ + (1 - z_{t-1})(z^{l-1} z~ + (1 - z^{l-1}) z_copy)."""
+    return zb * z_hat + (1 - zb) * (zu * z_hat + (1 - zu) * z_copy)
+
+
+@pytest.mark.parametrize("mode", ["hold", "recompute"])
+def test_boundary_rule_has_the_old_forward_values_on_every_forced_pattern(mode):
+    """The revised rules change the gradient only: every (z_{t-1}, z^{l-1}) pattern gives the old values."""
+    p, x, h, c, ha = random_layer(seed=7)
+    patterns = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # (zb, zu) per row
+    zb, zu = patterns[:, 0], patterns[:, 1]
+    _, _, z_new = step(p, x, zu, h, c, zb, ha, slope=2.0, cfg=CellConfig(copy_boundary=mode))
+    *_, s_z = gates_from_equations(p, x, h, ha, zb, zu)
+    z_hat = (s_z > 0).double()
+    z_copy = zb if mode == "hold" else ((h @ p.U[4 * H] + p.b[4 * H]) > 0).double()
+    assert torch.equal(z_new, old_dense_z(z_hat, z_copy, zb, zu))
+
+
+def _copy_rows_with_a_split_detector(seed):
+    """A layer with COPY on every row (z_{t-1} = z^{l-1} = 0) and a boundary threshold that fires on some rows."""
+    p, x, h, c, ha = random_layer(seed=seed)
     p = p._replace(b=p.b.clone())
     u = (h @ p.U[4 * H]).sort().values
     p.b[4 * H] = -(u[1] + u[2]) / 2  # threshold halfway between rows: fires on some, not all, none at the edge
     s_z = h @ p.U[4 * H] + p.b[4 * H]  # the detector's input on a COPY row
     z_tilde = (s_z > 0).double()
     assert 0 < z_tilde.sum() < B, "the test needs rows on both sides of the threshold"
-    for mode, expected in (("hold", 1 + z_tilde), ("recompute", torch.zeros(B))):
+    return p, x, h, c, ha, s_z, z_tilde
+
+
+@pytest.mark.parametrize("slope", [0.5, 3.0])
+def test_hold_rule_gradient_along_z_on_copy_steps_is_z_tilde_times_one_minus_z_below(slope):
+    """Under `hold`, z_t = z~ (1 - (1 - z_{t-1})(1 - z^{l-1})): on a COPY step dz_t/dz_{t-1} = z~ (1 - z^{l-1}) and
+    dz_t/dz^{l-1} = z~ (1 - z_{t-1}); the old rule's 1 + z~ (the exploding path on PTB) is gone. No top-down
+    term, so z_{t-1} reaches z_t only through the rule itself."""
+    p, x, h, c, ha, _, z_tilde = _copy_rows_with_a_split_detector(seed=3)
+    p = p._replace(V=torch.zeros_like(p.V), W=torch.zeros_like(p.W))  # z~ independent of the gated terms
+    z = torch.zeros(B, requires_grad=True)
+    zu = torch.zeros(B, requires_grad=True)
+    _, _, z_new = step(p, x, zu, h, c, z, ha, slope=slope, cfg=CellConfig(copy_boundary="hold"))
+    assert torch.equal(z_new.detach(), torch.zeros(B))  # COPY holds z = 0
+    dz, dzu = torch.autograd.grad(z_new, (z, zu), torch.ones(B))  # rows are independent: the diagonal
+    torch.testing.assert_close(dz, z_tilde * (1 - zu.detach()))
+    torch.testing.assert_close(dzu, z_tilde * (1 - z.detach()))
+
+
+@pytest.mark.parametrize("slope", [0.1, 0.5])
+def test_recompute_rule_gradient_along_z_comes_only_through_the_gated_products(slope):
+    """Under `recompute`, z_t = z~_t from s = U h + z_{t-1} V h^{l+1} + z^{l-1} W h^{l-1} + b: on a COPY step
+    dz_t/dz_{t-1} = dz~/ds * (V h^{l+1})[z row] and dz_t/dz^{l-1} = dz~/ds * (W h^{l-1})[z row], nothing else.
+    With V = W = 0 both vanish."""
+    p, x, h, c, ha, s_z, z_tilde = _copy_rows_with_a_split_detector(seed=4)
+    st = straight_through_grad(s_z, torch.tensor(slope))
+    assert bool((st != 0).any()), "the test needs rows inside the straight-through window"
+    for zero_gated in (False, True):
+        q = p._replace(V=torch.zeros_like(p.V), W=torch.zeros_like(p.W)) if zero_gated else p
         z = torch.zeros(B, requires_grad=True)
-        _, _, z_new = step(p, x, zu, h, c, z, ha, cfg=CellConfig(copy_boundary=mode))
-        torch.testing.assert_close(z_new.detach(), torch.zeros(B) if mode == "hold" else z_tilde)
-        (dz,) = torch.autograd.grad(z_new, z, torch.ones(B))  # rows are independent: the diagonal
-        torch.testing.assert_close(dz, expected, msg=mode)
+        zu = torch.zeros(B, requires_grad=True)
+        _, _, z_new = step(q, x, zu, h, c, z, ha, slope=slope, cfg=CellConfig(copy_boundary="recompute"))
+        torch.testing.assert_close(z_new.detach(), z_tilde)
+        dz, dzu = torch.autograd.grad(z_new, (z, zu), torch.ones(B))
+        torch.testing.assert_close(dz, st * (ha @ q.V[4 * H]))
+        torch.testing.assert_close(dzu, st * (x @ q.W[4 * H]))
