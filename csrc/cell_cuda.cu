@@ -167,15 +167,21 @@ __device__ void branch_backward(const Cell<T>& L, T w, const T* dh, const T* dc,
   ROW_LOOP(j, L.H) dcv[j] += w * dc[j];
 }
 
-// z_copy under `recompute`: the boundary unit from U h + b alone (every thread gets it).
+// a[0:n] . b[0:n], accumulated in double; every thread gets it.
+template <typename T>
+__device__ T block_dot(const T* a, const T* b, int64_t n, double* shm) {
+  double acc = 0;
+  ROW_LOOP(j, n) acc += a[j] * b[j];
+  return T(block_sum(acc, shm));
+}
+
+// The boundary unit's pre-activation on a COPY row under `recompute`: U h + b (both gated terms off);
+// every thread gets it.
 template <typename T>
 __device__ T recompute_pre(const Cell<T>& L, int64_t r, const T* pu, double* shm) {
   const int64_t H4 = 4 * L.H;
   if (pu != nullptr) return pu[H4] + L.b[H4];
-  const T *hr = L.h + r * L.H, *u4 = L.U + H4 * L.H;
-  double acc = 0;
-  ROW_LOOP(j, L.H) acc += hr[j] * u4[j];
-  return T(block_sum(acc, shm)) + L.b[H4];
+  return block_dot(L.h + r * L.H, L.U + H4 * L.H, L.H, shm) + L.b[H4];
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -212,9 +218,9 @@ __global__ void __launch_bounds__(kThreads) forward_rows_kernel(const Cell<T> L,
       T* pr = o.pre_out + r * G;
       ROW_LOOP(j, G) pr[j] = pu != nullptr ? pu[j] : T(0);
     }
-    if (L.has_z) {
-      const T zc = L.recompute ? boundary_value(recompute_pre(L, r, pu, shm), L.slope, L.mode, noise) : zb;
-      if (threadIdx.x == 0) o.z_out[r] = zc;
+    if (L.has_z) {  // recompute: z~ of s = U h + b (both gated terms off); hold: the COPY branch's z is 0
+      const T zn = L.recompute ? boundary_value(recompute_pre(L, r, pu, shm), L.slope, L.mode, noise) : T(0);
+      if (threadIdx.x == 0) o.z_out[r] = zn;
     }
     return;
   }
@@ -246,10 +252,9 @@ __global__ void __launch_bounds__(kThreads) forward_rows_kernel(const Cell<T> L,
     ho[j] = hn;
   }
   if (L.has_z && threadIdx.x == 0) {
+    // docs/spec.md, the boundary rule: recompute z = z~; hold z = z~ (1 - (1 - zb)(1 - zu))
     const T zhat = boundary_value(s[H4] + L.b[H4], L.slope, L.mode, noise);
-    T zc = 0;
-    if (keep) zc = L.recompute ? boundary_value(pu[H4] + L.b[H4], L.slope, L.mode, noise) : zb;
-    o.z_out[r] = zb * zhat + (T(1) - zb) * (zu * zhat + (keep ? (T(1) - zu) * zc : T(0)));
+    o.z_out[r] = L.recompute ? zhat : zhat * (T(1) - (T(1) - zb) * (T(1) - zu));
   }
 }
 
@@ -365,22 +370,20 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
   const T noise = L.noise != nullptr ? L.noise[r] : T(0);
   T *dhp = o.dh + r * H, *dcp = o.dc + r * H;
   const int64_t k = o.pos[r];
-  // z_copy and, under `recompute`, its own straight-through path into U[4H], h and b[4H].
-  T zc = zb, s_copy = 0;
-  if (L.has_z && L.recompute && (wC != T(0) || zgrad)) {
-    s_copy = recompute_pre<T>(L, r, nullptr, shm);
-    zc = boundary_value(s_copy, L.slope, L.mode, noise);
-  }
   ROW_LOOP(j, H) {
     dcp[j] = wC * dc[j];
     dhp[j] = wC * dh[j];
   }
+  // recompute on a COPY row (no ds row): z = z~(U h + z_{t-1} V h' + z^{l-1} W x + b) with both gates 0,
+  // so its straight-through gradient ds_copy reaches U[4H], h and b[4H], and z_{t-1} and z^{l-1} through
+  // the gated products (V h')[4H] and (W x)[4H]. k is uniform over the block, and so is ds_copy.
+  T ds_copy = 0;
   if (L.has_z && L.recompute) {
-    const T dcopy = wC != T(0) ? dz * wC * boundary_grad(s_copy, L.slope, L.mode) : T(0);
-    if (threadIdx.x == 0) o.ds_copy[r] = dcopy;
-    if (dcopy != T(0)) {
+    if (k < 0) ds_copy = dz * boundary_grad(recompute_pre<T>(L, r, nullptr, shm), L.slope, L.mode);
+    if (threadIdx.x == 0) o.ds_copy[r] = ds_copy;
+    if (ds_copy != T(0)) {
       const T* u4 = L.U + H4 * H;
-      ROW_LOOP(j, H) dhp[j] += dcopy * u4[j];
+      ROW_LOOP(j, H) dhp[j] += ds_copy * u4[j];
     }
   }
   if (k < 0 && !zgrad) return;  // COPY, nothing else wanted: h and c gradients pass through
@@ -406,15 +409,18 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
       pb += dc[j] * (cf[j] - (zu * cu[j] + (T(1) - zu) * cr[j])) + dh[j] * (hf - (zu * hu + (T(1) - zu) * hr[j]));
       pu_ += dc[j] * (cu[j] - cr[j]) + dh[j] * (hu - hr[j]);
     }
-    T acc_b = T(block_sum(pb, shm)), acc_u = T(block_sum(pu_, shm));
-    if (L.has_z) {
-      acc_b += dz * (zhat - (zu * zhat + (T(1) - zu) * zc));
-      if (!L.recompute) acc_b += dz * wC;  // hold: z_copy is z_{t-1} itself
-      acc_u += dz * (zhat - zc);
+    T acc_b = T(block_sum(pb, shm)), acc_u = (T(1) - zb) * T(block_sum(pu_, shm));
+    if (L.has_z && !L.recompute) {  // hold: z = z~ (1 - (1 - zb)(1 - zu))
+      acc_b += dz * zhat * (T(1) - zu);
+      acc_u += dz * zhat * (T(1) - zb);
+    }
+    if (ds_copy != T(0)) {  // recompute on a COPY row: the gated products (active rows: gated_term_backward)
+      acc_b += ds_copy * block_dot(L.ha + r * L.Ha, L.V + H4 * L.Ha, L.Ha, shm);
+      acc_u += ds_copy * block_dot(L.x + r * L.I, L.W + H4 * L.I, L.I, shm);
     }
     if (threadIdx.x == 0) {
       o.dzb[r] = acc_b;
-      o.dzu[r] = (T(1) - zb) * acc_u;
+      o.dzu[r] = acc_u;
     }
   }
   if (k < 0) return;  // COPY: the gates do not reach any output
@@ -449,7 +455,8 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
   } else {
     ROW_LOOP(j, H4) ds[j] = da[j];
   }
-  if (L.has_z && threadIdx.x == 0) ds[H4] = dz * (zb + (T(1) - zb) * zu) * boundary_grad(s_z, L.slope, L.mode);
+  if (L.has_z && threadIdx.x == 0)
+    ds[H4] = dz * (L.recompute ? T(1) : T(1) - wC) * boundary_grad(s_z, L.slope, L.mode);
 }
 
 // One gated term  gate * (inp @ M^T): the gradients of inp, M and the gate from ds (n_active, G); as

@@ -3,16 +3,19 @@
 The gradient is the reference's dense straight-through gradient (PAPER.md, "the reference gradient"):
 the autograd of
 
-    c_t = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)        (h_t and z_t alike)
+    c_t = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)        (h_t alike)
 
-with z as a 0/1 float. `_cell_bwd_kernel` (grid: row blocks; one program walks its rows' columns)
-recomputes the gates from the forward's saved pre-activations `pre` (B, G) (for COPY rows the forward
-saved the U term alone, which is their whole pre-activation) and produces, per row:
+with z as a 0/1 float, and of the boundary rule (docs/spec.md): z_t = z~ (1 - (1 - zb)(1 - zu)) under
+"hold", z_t = z~ on every row under "recompute". `_cell_bwd_kernel` (grid: row blocks; one program walks
+its rows' columns) recomputes the gates from the forward's saved pre-activations `pre` (B, G) (for COPY
+rows the forward saved the U term alone, which is their whole pre-activation) and produces, per row:
 
-* dpre (B, G): the gradient of the pre-activation (zero on COPY rows), from which the launcher gets every
-  matmul gradient (dW, dU, dV, dx, dh, dh_above) and the gated-term parts of the boundary gradients,
+* dpre (B, G): the gradient of the pre-activation (zero on COPY rows, but for the boundary unit's column
+  under "recompute", whose z~ is computed on every row), from which the launcher gets every matmul
+  gradient (dW, dU, dV, dx, dh, dh_above) and the gated-term parts of the boundary gradients,
   <dpre, V h_above> = <dpre V, h_above> for zb and <dpre W, x> for zu;
-* the element-wise parts of dzb and dzu (differences of the branches, summed over the row),
+* the element-wise parts of dzb and dzu (differences of the branches, summed over the row, and under
+  "hold" the rule's own z~ (1 - zu), z~ (1 - zb)),
   dc_{t-1} and the direct part of dh_{t-1};
 * with layer norm: dy (the gradient of the normalized gates, for the LN bias), dy * x_hat (for the gate
   LN gain) and the cell LN's gain and bias terms, per row; the launcher sums them over the batch.
@@ -68,8 +71,8 @@ def _branches(PRE, Bias, LNG, LNCW, LNCB, Cp, rows, rmask, cols, cmask, HD, G, m
 
 @triton.jit
 def _cell_bwd_kernel(
-    PRE, SCOPY, Hp, Cp, ZB, ZU, NOISE, SLOPE, Bias, LNG, LNCW, LNCB, DH, DC, DZ,
-    DPRE, DY, DGAM, DCW, DCB, DC_PREV, DH_DIR, DZB, DZU, DSCOPY,
+    PRE, Hp, Cp, ZB, ZU, NOISE, SLOPE, Bias, LNG, LNCW, LNCB, DH, DC, DZ,
+    DPRE, DY, DGAM, DCW, DCB, DC_PREV, DH_DIR, DZB, DZU,
     B, HD, eps,
     BOUNDARY: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_Z: tl.constexpr, LN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -187,26 +190,23 @@ def _cell_bwd_kernel(
     if HAS_Z:
         zrow = 4 * HD
         slope = tl.load(SLOPE).to(CT)
-        noise = tl.zeros([BLOCK_B], dtype=CT)
-        if BOUNDARY == 1:
-            noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
+        # on COPY rows pre is the U term alone, so s_z is U h + b there: recompute's z~ on every row
         s_z = tl.load(PRE + rows * G + zrow, mask=rmask, other=0.0).to(CT) + tl.load(Bias + zrow).to(CT)
-        z_hat = _boundary(s_z, slope, noise, BOUNDARY)
         dz = tl.load(DZ + rows, mask=rmask, other=0.0).to(CT)
         if RECOMPUTE:
-            s_copy = tl.load(SCOPY + rows, mask=rmask, other=0.0).to(CT)
-            z_copy = _boundary(s_copy, slope, noise, BOUNDARY)
+            # z = z~ on every row: ds_z is unmasked, and the launcher's <dpre W, x>, <dpre V, h_above> carry it
+            # to zu and zb through the gated products (COPY rows included)
+            tl.store(DPRE + rows * G + zrow, dz * _boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
         else:
-            z_copy = zb1
-        tl.store(DPRE + rows * G + zrow, dz * (zb1 + (1 - zb1) * zu1) * _boundary_grad(s_z, slope, BOUNDARY),
-                 mask=rmask)
-        dzb += dz * (z_hat - (zu1 * z_hat + (1 - zu1) * z_copy))
-        dzu += (1 - zb1) * dz * (z_hat - z_copy)
-        d_copy = dz * (1 - zb1) * (1 - zu1)
-        if RECOMPUTE:
-            tl.store(DSCOPY + rows, d_copy * _boundary_grad(s_copy, slope, BOUNDARY), mask=rmask)
-        else:
-            dzb += d_copy  # z_copy is z_{t-1} itself
+            # hold: z = z~ (1 - (1 - zb)(1 - zu)) (docs/spec.md, the boundary rule)
+            noise = tl.zeros([BLOCK_B], dtype=CT)
+            if BOUNDARY == 1:
+                noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
+            z_hat = _boundary(s_z, slope, noise, BOUNDARY)
+            w_z = 1 - (1 - zb1) * (1 - zu1)
+            tl.store(DPRE + rows * G + zrow, dz * w_z * _boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
+            dzb += dz * z_hat * (1 - zu1)
+            dzu += dz * z_hat * (1 - zb1)
     tl.store(DZB + rows, dzb, mask=rmask)
     tl.store(DZU + rows, dzu, mask=rmask)
 

@@ -17,7 +17,8 @@ accumulates the four gate pre-activations in fp32 (fp64 for fp64 inputs) with `t
   zu = 0): those products are never multiplied.
 * Without layer norm every column is independent, so the same program finishes the step: gate
   non-linearities, c/h update in the dense form of the reference, writing h_t and c_t once.
-* Column block 0 also computes the boundary unit (a row dot product, not a tile) and writes z_t.
+* Column block 0 also computes the boundary unit (a row dot product, not a tile) and writes z_t by the
+  boundary rule (docs/spec.md): z~ under "recompute", z~ (1 - (1 - zb)(1 - zu)) under "hold".
 
 With layer norm the gates need statistics over the full 4H row, and the cell LN over the full H row;
 `_cell_ln_update_kernel` (grid: row blocks) then reads `pre` back and makes three passes over the row
@@ -104,7 +105,7 @@ def _row_dot(A, w, rows, rmask, K, acc, BLOCK_K: tl.constexpr):
 @triton.jit
 def _cell_pre_kernel(
     X, ZU, Hp, Cp, ZB, HA, W, U, V, Bias, SLOPE, NOISE, PERM, NACT,
-    H_OUT, C_OUT, Z_OUT, PRE, SCOPY,
+    H_OUT, C_OUT, Z_OUT, PRE,
     B, I, HD, HAD,
     BOUNDARY: tl.constexpr, RECOMPUTE: tl.constexpr, HAS_Z: tl.constexpr, LN: tl.constexpr,
     SAVE: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
@@ -200,15 +201,12 @@ def _cell_pre_kernel(
                 if BOUNDARY == 1:
                     noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
                 z_hat = _boundary(pre_z + bz, slope, noise, BOUNDARY)
+                # docs/spec.md, the boundary rule: recompute z = z~ (on COPY rows pre_z is U h alone);
+                # hold z = z~ (1 - (1 - zb)(1 - zu)), 0 on COPY rows
                 if RECOMPUTE:
-                    s_copy = z_u + bz  # the boundary unit from U h + b alone
-                    if SAVE:
-                        tl.store(SCOPY + rows, s_copy, mask=rmask)
-                    z_copy = _boundary(s_copy, slope, noise, BOUNDARY)
+                    z_new = z_hat
                 else:
-                    z_copy = zb
-                # dense form; on COPY rows (zb = zu = 0) it is exactly z_copy
-                z_new = zb * z_hat + (1 - zb) * (zu * z_hat + (1 - zu) * z_copy)
+                    z_new = z_hat * (1 - (1 - zb) * (1 - zu))
                 tl.store(Z_OUT + rows, z_new.to(Z_OUT.dtype.element_ty), mask=rmask)
     if not is_active:
         # COPY block: h and c unchanged
@@ -217,7 +215,7 @@ def _cell_pre_kernel(
         if not SAVE:  # (with SAVE the gate block above wrote z)
             if HAS_Z:
                 if do_z:
-                    # z held, or recomputed from the single row U[4H] . h
+                    # z~ of the single row U[4H] . h + b (both gated terms off), or hold's constant 0
                     if RECOMPUTE:
                         bz = tl.load(Bias + 4 * HD).to(CT)
                         slope = tl.load(SLOPE).to(CT)
@@ -228,7 +226,7 @@ def _cell_pre_kernel(
                                           BLOCK_K) + bz
                         z_out = _boundary(s_copy, slope, noise, BOUNDARY)
                     else:
-                        z_out = zb
+                        z_out = tl.zeros([BLOCK_B], dtype=CT)
                     tl.store(Z_OUT + rows, z_out.to(Z_OUT.dtype.element_ty), mask=rmask)
 
 

@@ -13,8 +13,8 @@ import itertools
 import pytest
 import torch
 
-from harness import assert_bf16_within_2x, assert_matches_reference, case_id, make_case, rel_err
-from hmlstm import HMLSTM
+from harness import assert_bf16_within_2x, assert_matches_reference, case_id, make_case, random_step, rel_err
+from hmlstm import HMLSTM, CellConfig, naive_cell_step
 from hmlstm.backends import unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,6 +59,41 @@ def test_matches_reference(case):
 ]))
 def test_matches_reference_fp32(case):
     assert_matches_reference("triton", case)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
+@pytest.mark.parametrize("copy_boundary", ["hold", "recompute"])
+@pytest.mark.parametrize("boundary", ["step", "sample", "soft"])
+def test_step_boundary_gradients_on_copy_rows(boundary, copy_boundary, layer_norm):
+    """One layer-step with FLUSH, UPDATE and COPY rows, every input's gradient, against naive_cell_step. The
+    slope puts the COPY rows' boundary units inside the straight-through window, so under "recompute" their
+    z gradient reaches z_{t-1} and z^{l-1} through (V h^{l+1})[4H] and (W x)[4H] (docs/spec.md, the boundary
+    rule): the forced patterns of the model cases zero those rows and saturate the bias."""
+    from hmlstm.ops.triton import fused_cell_step
+
+    inputs = random_step(5, layer_norm=layer_norm, device=DEVICE)
+    p, H = inputs["p"], inputs["h"].shape[1]
+    copy = (inputs["z"] == 0) & (inputs["z_below"] == 0)
+    s_copy = inputs["h"] @ p.U[4 * H] + p.b[4 * H]
+    slope = 0.5 / s_copy[copy].abs().max()
+    noise = torch.rand(inputs["h"].shape[0], generator=torch.Generator().manual_seed(2),
+                       dtype=torch.float64).to(DEVICE) if boundary == "sample" else None
+    cfg = CellConfig(boundary=boundary, copy_boundary=copy_boundary, layer_norm=layer_norm)
+    names = ["x", "z_below", "h", "c", "z", "h_above"]
+    results = []
+    for step in (naive_cell_step, fused_cell_step):
+        leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in names}
+        q = type(p)(*(t.detach().clone().requires_grad_(True) if t is not None else None for t in p))
+        outs = step(*leaves.values(), q, slope, noise, cfg)
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(DEVICE)).sum() for t in outs)
+        grads = torch.autograd.grad(loss, list(leaves.values()) + [t for t in q if t is not None])
+        results.append(dict(zip(["h", "c", "z"], outs)) | {f"grad_{n}": gr for n, gr in zip(names, grads)}
+                       | {f"grad_p{k}": gr for k, gr in enumerate(grads[len(names):])})
+    ref, got = results
+    assert bool((ref["grad_z"][copy] != 0).all()) and bool((ref["grad_z_below"][copy] != 0).all())
+    bad = {k: rel_err(got[k], ref[k]) for k in ref if rel_err(got[k], ref[k]) > 1e-10}
+    assert not bad, bad
 
 
 def _forward(case, backend):
@@ -144,11 +179,11 @@ def test_opcheck_fwd(layer_norm, copy_boundary):
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
 def test_opcheck_bwd(layer_norm):
     args = _op_inputs(layer_norm, "recompute")
-    h, c, z, pre, s_copy = torch.ops.hmlstm.triton_cell_fwd(*args)
+    h, c, z, pre = torch.ops.hmlstm.triton_cell_fwd(*args)
     tensors = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:15]]
     grads = [torch.randn_like(h), torch.randn_like(c), torch.randn_like(z)]
     _opcheck(torch.ops.hmlstm.triton_cell_bwd.default,
-             tensors + [pre.detach(), s_copy.detach()] + grads + ["step", "recompute", True])
+             tensors + [pre.detach()] + grads + ["step", "recompute", True])
 
 
 def test_unavailable_reason_names_the_fix():

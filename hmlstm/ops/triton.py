@@ -8,10 +8,11 @@ the reference.
 
 Ops (namespace `hmlstm`, shared with the C++ backend; the names carry the prefix `triton_`):
 
-    hmlstm::triton_cell_fwd(...) -> (h_t, c_t, z_t, pre, s_copy)
-        One launch per layer-step without layer norm, two with it. `pre` (B, G) and `s_copy` (B,) are
-        what the backward needs beyond the outputs; they are computed and returned only when
-        need_grad (empty otherwise). COPY rows do no gate work, and with need_grad only the U term.
+    hmlstm::triton_cell_fwd(...) -> (h_t, c_t, z_t, pre)
+        One launch per layer-step without layer norm, two with it. `pre` (B, G) is what the backward
+        needs beyond the outputs; it is computed and returned only when need_grad (empty otherwise).
+        COPY rows do no gate work, and with need_grad only the U term (under copy_boundary="recompute"
+        their boundary unit's whole pre-activation, docs/spec.md, the boundary rule).
     hmlstm::triton_cell_bwd(...) -> every input gradient
         One fused element-wise kernel producing d(pre-activation) per row and the element-wise parts of
         the boundary gradients, then dense matmuls (torch) for the weight and input gradients, the gated
@@ -109,7 +110,7 @@ def triton_cell_fwd(
     W: Tensor, U: Tensor, V: Tensor, b: Tensor,
     ln_gates: Optional[Tensor], ln_cell_w: Optional[Tensor], ln_cell_b: Optional[Tensor],
     slope: Tensor, noise: Optional[Tensor], boundary: str, copy_boundary: str, has_boundary: bool, need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of one layer-step; see the module docstring. Inputs contiguous, one floating dtype."""
     B, HD = h.shape
     I, HAD = x.shape[1], h_above.shape[1]
@@ -121,7 +122,6 @@ def triton_cell_fwd(
     c_new = new_empty(B, HD, like=c)
     z_new = new_empty(B if has_boundary else 0, like=z)
     pre = new_empty(B if (need_grad or ln) else 0, G, like=h, dtype=ct)
-    s_copy = new_empty(B if (need_grad and recompute) else 0, like=h, dtype=ct)
     perm, n_act = _row_order(z, z_below)
     BLOCK_B = _pow2(B, 16, 32)
     BLOCK_H = _pow2(HD, 16, 64)
@@ -129,7 +129,7 @@ def triton_cell_fwd(
     dot_f32 = _interpreted() or h.dtype in (torch.float32, torch.float64)
     _launch(cell_fwd._cell_pre_kernel, (triton.cdiv(B, BLOCK_B), triton.cdiv(HD, BLOCK_H)),
         x, z_below, h, c, z, h_above, W, U, V, b, slope, noise if noise is not None else z, perm, n_act,
-        h_new, c_new, z_new, pre, s_copy if recompute and need_grad else pre,
+        h_new, c_new, z_new, pre,
         B, I, HD, HAD,
         BOUNDARY=_BOUNDARY[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln, SAVE=need_grad,
         DOT_F32=dot_f32, PREC="ieee", BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
@@ -141,7 +141,7 @@ def triton_cell_fwd(
         )
     if not need_grad:
         pre = pre.new_empty(0, G)
-    return h_new, c_new, z_new, pre, s_copy
+    return h_new, c_new, z_new, pre
 
 
 @triton_op("hmlstm::triton_cell_bwd", mutates_args=())
@@ -149,7 +149,7 @@ def triton_cell_bwd(
     x: Tensor, z_below: Tensor, h: Tensor, c: Tensor, z: Tensor, h_above: Tensor,
     W: Tensor, U: Tensor, V: Tensor, b: Tensor,
     ln_gates: Optional[Tensor], ln_cell_w: Optional[Tensor], ln_cell_b: Optional[Tensor],
-    slope: Tensor, noise: Optional[Tensor], pre: Tensor, s_copy: Tensor,
+    slope: Tensor, noise: Optional[Tensor], pre: Tensor,
     grad_h: Tensor, grad_c: Tensor, grad_z: Optional[Tensor],
     boundary: str, copy_boundary: str, has_boundary: bool,
 ) -> list[Tensor]:
@@ -169,16 +169,15 @@ def triton_cell_bwd(
     dh_dir = new_empty(B, HD, like=pre)
     dzb = new_empty(B, like=pre)
     dzu = new_empty(B, like=pre)
-    dscopy = new_empty(B, like=pre) if recompute else dzb
     if grad_z is None or grad_z.numel() == 0:
         grad_z = z.new_zeros(B)
     BLOCK_B = _pow2(B, 16, 32)
     BLOCK_H = _pow2(HD, 16, 64)
     _launch(cell_bwd._cell_bwd_kernel, (triton.cdiv(B, BLOCK_B),),
-        pre, s_copy if recompute else pre, h, c, z, z_below, noise if noise is not None else z, slope, b,
+        pre, h, c, z, z_below, noise if noise is not None else z, slope, b,
         ln_gates if ln else b, ln_cell_w if ln else b, ln_cell_b if ln else b,
         grad_h.contiguous(), grad_c.contiguous(), grad_z.contiguous(),
-        dpre, dy, dgam, dcw, dcb, dc_prev, dh_dir, dzb, dzu, dscopy,
+        dpre, dy, dgam, dcw, dcb, dc_prev, dh_dir, dzb, dzu,
         B, HD, LN_EPS,
         BOUNDARY=_BOUNDARY[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln,
         BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H,
@@ -186,26 +185,23 @@ def triton_cell_bwd(
     xc, hc, hac = x.to(ct), h.to(ct), h_above.to(ct)
     Wc, Uc, Vc = W.to(ct), U.to(ct), V.to(ct)
     zb, zu = z.to(ct).unsqueeze(1), z_below.to(ct).unsqueeze(1)
-    if recompute:
-        # s_copy = U[4H] . h + b[4H] is a second use of the recurrent weights' boundary row
-        dpre_u = torch.cat([dpre[:, : 4 * HD], (dpre[:, 4 * HD] + dscopy).unsqueeze(1)], 1)
-    else:
-        dpre_u = dpre
+    # "recompute" sets dpre's boundary column on COPY rows too (z = z~ there as well): the products below
+    # take it to U, h and b, and through the gated terms to zb and zu (docs/spec.md, the boundary rule)
     p_w = dpre @ Wc  # (B, I): gated by zu for x, and <dpre W, x> is the bottom-up term's share of dzu
     p_v = dpre @ Vc  # (B, Ha): likewise for the top-down term and zb
     grad_x = zu * p_w
     grad_ha = zb * p_v
     grad_zu = dzu + (p_w * xc).sum(1)
     grad_zb = dzb + (p_v * hac).sum(1)
-    grad_hprev = dh_dir + dpre_u @ Uc
+    grad_hprev = dh_dir + dpre @ Uc
     grad_W = (zu * dpre).t() @ xc
     grad_V = (zb * dpre).t() @ hac
-    grad_U = dpre_u.t() @ hc
+    grad_U = dpre.t() @ hc
     if ln:
-        grad_b = torch.cat([dy.sum(0), dpre_u[:, 4 * HD:].sum(0)])
+        grad_b = torch.cat([dy.sum(0), dpre[:, 4 * HD:].sum(0)])
         grads_ln = [dgam.sum(0).to(ln_gates.dtype), dcw.sum(0).to(ln_cell_w.dtype), dcb.sum(0).to(ln_cell_b.dtype)]
     else:
-        grad_b = dpre_u.sum(0)
+        grad_b = dpre.sum(0)
         grads_ln = [b.new_empty(0), b.new_empty(0), b.new_empty(0)]
     return [grad_x.to(x.dtype), grad_zu.to(z_below.dtype), grad_hprev.to(h.dtype), dc_prev.to(c.dtype),
             grad_zb.to(z.dtype), grad_ha.to(h_above.dtype), grad_W.to(W.dtype), grad_U.to(U.dtype),
@@ -218,13 +214,13 @@ _FWD_TENSOR_ARGS = 15  # x ... noise: the forward's tensor inputs, in order
 def _setup_context(ctx, inputs, output):
     # what the backward recomputes from: the inputs, and the pre-activations the forward saved
     *tensors, boundary, copy_boundary, has_boundary, need_grad = inputs
-    _, _, _, pre, s_copy = output
+    _, _, _, pre = output
     ctx.cfg = (boundary, copy_boundary, has_boundary)
     ctx.need_grad = need_grad
-    ctx.save_for_backward(*tensors, pre, s_copy)
+    ctx.save_for_backward(*tensors, pre)
 
 
-def _backward(ctx, grad_h, grad_c, grad_z, _grad_pre, _grad_s_copy):
+def _backward(ctx, grad_h, grad_c, grad_z, _grad_pre):
     if not ctx.need_grad:
         raise RuntimeError("hmlstm::triton_cell_fwd was called with need_grad=False: it saved nothing to "
                            "differentiate; call it with need_grad=True (fused_cell_step does this when a "
@@ -274,6 +270,6 @@ def fused_cell_step(
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     args = [t.contiguous() if t is not None else None for t in tensors]
     noise_arg = args[-1] if cfg.boundary == "sample" and cfg.has_boundary else None
-    h_new, c_new, z_new, _, _ = torch.ops.hmlstm.triton_cell_fwd(
+    h_new, c_new, z_new, _ = torch.ops.hmlstm.triton_cell_fwd(
         *args[:-1], noise_arg, cfg.boundary, cfg.copy_boundary, cfg.has_boundary, need_grad)
     return h_new, c_new, (z_new if cfg.has_boundary else None)
