@@ -545,6 +545,9 @@ std::vector<at::Tensor> seq_bwd_cpu(
     }
   }
   at::Tensor dx = needs[0] != 0 ? new_buffer({T, B, x.size(2)}, opts, poison) : at::empty({0}, opts);
+  // dL/dz_t^l, the whole gradient reaching each boundary (every use of it): the diagnostics' input (L-1 x (T, B))
+  TensorVec dz_total(L - 1);
+  for (size_t l = 0; l + 1 < L; ++l) dz_total[l] = at::empty({T, B}, opts);
   // the inputs of layer l over steps t0..t1-1, flattened to rows (as seq_fwd's buffers lay them out)
   auto flush = [&](size_t l) {
     WeightGrads& w = *wg[l];
@@ -563,7 +566,10 @@ std::vector<at::Tensor> seq_bwd_cpu(
       const at::Tensor g_h = grad_h[l].has_value() ? gh[l] + grad_h[l]->select(0, t) : gh[l];
       const at::Tensor g_c = grad_c[l].has_value() ? gc[l] + grad_c[l]->select(0, t) : gc[l];
       at::Tensor g_z = empty;
-      if (!top) g_z = grad_z[l].has_value() ? gz[l] + grad_z[l]->select(0, t) : gz[l];
+      if (!top) {
+        g_z = grad_z[l].has_value() ? gz[l] + grad_z[l]->select(0, t) : gz[l];
+        dz_total[l].select(0, t).copy_(g_z);
+      }
       std::array<bool, 13> mask{l > 0 || needs[0] != 0, l > 0, true, true, !top, !top, false, false, false};
       for (size_t k = 3; k < kP; ++k) mask[9 + k - 3] = small[l][k].defined();  // needed and present
       const bool want_ds = wg[l].has_value();
@@ -614,6 +620,7 @@ std::vector<at::Tensor> seq_bwd_cpu(
       result.push_back(g);
     }
   }
+  for (size_t l = 0; l + 1 < L; ++l) result.push_back(dz_total[l]);
   return result;
 }
 

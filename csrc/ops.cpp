@@ -57,7 +57,8 @@ TORCH_LIBRARY(hmlstm, m) {
   // first); grad_hT, grad_cT, grad_zT: the final state's. x, hs, cs, zs, pres: seq_fwd's x and outputs.
   // needs: 1 + (3L - 1) + 7L flags: x, then h0, c0, z0, then each layer's W, U, V, b, ln_gates, ln_cell_w,
   // ln_cell_b. packed: [] or [W^T, U^T, V^T] per layer, reordered as for cell_bwd. Returns dx (T, B, I),
-  // dh0, dc0 (L), dz0 (L-1), then the 7L parameter gradients; (0,) where not needed. The initial state's
+  // dh0, dc0 (L), dz0 (L-1), then the 7L parameter gradients; (0,) where not needed; then L-1 x (T, B), the
+  // whole gradient dL/dz_t^l reaching each boundary (for the training diagnostics). The initial state's
   // gradients are always computed.
   m.def(
       "seq_bwd(Tensor?[] grad_h, Tensor?[] grad_c, Tensor?[] grad_z, Tensor[] grad_hT, Tensor[] grad_cT, "

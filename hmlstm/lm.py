@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lstm import StackedLSTM
 from .model import HMLSTM
 from .state import HMLSTMOutput, HMLSTMState
+
+
+CELLS = ("hmlstm", "lstm")
 
 
 class GatedOutput(nn.Module):
@@ -47,25 +51,36 @@ class CharLM(nn.Module):
         hidden_sizes: HMLSTM layer sizes, e.g. (512, 512, 512) for PTB.
         embed_size: input embedding, 128 in the paper.
         output_size: E, the output embedding (512 for PTB, 2048 for text8/enwik8).
+        cell: "hmlstm" (the paper's model) or "lstm" (the baseline: `hmlstm.lstm.StackedLSTM` of the same sizes,
+            which takes layer_norm and backend only).
         **hmlstm_options: boundary, copy_boundary, layer_norm, backend (see HMLSTM).
     """
 
     def __init__(self, vocab_size: int, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128,
-                 output_size: int = 512, **hmlstm_options) -> None:
+                 output_size: int = 512, cell: str = "hmlstm", **hmlstm_options) -> None:
         super().__init__()
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size}")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embed_size)
-        self.rnn = HMLSTM(embed_size, hidden_sizes, **hmlstm_options)
+        if cell == "lstm":
+            extra = sorted(set(hmlstm_options) - {"layer_norm", "backend"})
+            if extra:
+                raise ValueError(f"cell='lstm' has no boundaries: {', '.join(extra)} apply to cell='hmlstm' only")
+            self.rnn = StackedLSTM(embed_size, hidden_sizes, **hmlstm_options)
+        else:
+            self.rnn = HMLSTM(embed_size, hidden_sizes, **hmlstm_options)
         self.output = GatedOutput(self.rnn.hidden_sizes, output_size)
         self.head = nn.Linear(output_size, vocab_size)
 
     def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, slope: float | Tensor = 1.0,
-                generator: Optional[torch.Generator] = None) -> LMOutput:
-        """tokens: (B, T) int64 ids in [0, V) -> logits (B, T, V) predicting the next character."""
+                generator: Optional[torch.Generator] = None, probe: Optional[Tensor] = None) -> LMOutput:
+        """tokens: (B, T) int64 ids in [0, V) -> logits (B, T, V) predicting the next character.
+        probe: see `HMLSTM.forward` (its gradient is dL/dz)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (B, T), got dtype {tokens.dtype} "
                              f"and shape {tuple(tokens.shape)}")
-        rnn = self.rnn(self.embed(tokens), state=state, slope=slope, generator=generator)
+        rnn = self.rnn(self.embed(tokens), state=state, slope=slope, generator=generator, probe=probe)
         return LMOutput(self.head(self.output(rnn.h)), rnn)

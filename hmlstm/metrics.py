@@ -1,10 +1,15 @@
 """Boundary and operation statistics of an HM-LSTM, and the unigram baseline of a text.
 
-Boundary convention (used everywhere in hmlstm): position t is a boundary when a segment *ends* at t,
-i.e. z_t = 1 says "what I read up to and including x_t is a complete segment". For real text the true
-word boundaries are the whitespace characters that close a word (the first of each run of whitespace):
-the model can only know a word is over once it has read the space. The synthetic corpus
-(`hmlstm.synthetic`) marks the last character of each word and phrase the same way.
+Alignment (one definition for the logs, `hmlstm boundaries` and the benchmarks): a boundary detector should
+fire on the *last character of a segment, its closing separator included*. For text that separates words with
+whitespace that is the first whitespace character after the word (the space of "the "), not the word's last
+letter; where a segment has no separator (the glued words inside a synthetic phrase) it is the segment's last
+character. Why: z_t^l is computed after reading x_t, and z_t^l = 1 hands h_t^l up to layer l+1 and flushes
+layer l at t+1. A word of real text is known to be over only once its space has been read, and the paper
+reports the same placement for its trained PTB model ("z^1 tends to be turned on when it sees a space or after
+it sees a space", section 4.1, figure 2). The headline F1 counts exact hits (tolerance 0); tolerance 1, beside
+it, also counts a boundary one character early or late (one-to-one), which separates "misplaced by one" from
+"not found".
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+
+TOLERANCES = (0, 1)  # the headline (exact) and the one beside it
 
 
 class BoundaryScore(NamedTuple):
@@ -143,3 +151,33 @@ def unigram_entropy(ids: Tensor, num_symbols: int | None = None) -> float:
     counts = torch.bincount(ids, minlength=num_symbols or 0).double()
     p = counts[counts > 0] / ids.numel()
     return float(-(p * p.log()).sum() / math.log(2))
+
+
+class BoundaryCounter:
+    """Accumulates boundary counts over batches, per (layer, level, tolerance), for `TOLERANCES`.
+
+    Example:
+        >>> counter = BoundaryCounter()
+        >>> counter.add(1, "word", z > 0.5, true_word)      # (B, T) masks; call once per batch
+        >>> counter.scores()[(1, "word", 0)].f1
+    """
+
+    def __init__(self, tolerances: Sequence[int] = TOLERANCES) -> None:
+        self.tolerances = tuple(tolerances)
+        self.counts: dict[tuple[int, str, int], Tensor] = {}
+
+    def add(self, layer: int, level: str, pred: Tensor, true: Tensor) -> None:
+        """Add one batch: pred, true (..., T) bool masks (rows are independent sequences)."""
+        for tol in self.tolerances:
+            c = torch.tensor(boundary_counts(pred, true, tol), dtype=torch.float64)
+            key = (layer, level, tol)
+            self.counts[key] = self.counts[key] + c if key in self.counts else c
+
+    def scores(self) -> dict[tuple[int, str, int], BoundaryScore]:
+        """(layer, level, tolerance) -> BoundaryScore of everything added."""
+        return {k: BoundaryScore(*prf(*c.tolist()), *(int(v) for v in c.tolist())) for k, c in sorted(self.counts.items())}
+
+
+def metric_name(layer: int, level: str, tolerance: int, kind: str = "f1") -> str:
+    """The logged name: f1_l1_word (tolerance 0, the headline) or f1_tol1_l1_word."""
+    return f"{kind}_l{layer}_{level}" if tolerance == 0 else f"{kind}_tol{tolerance}_l{layer}_{level}"

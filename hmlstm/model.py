@@ -157,6 +157,7 @@ class HMLSTM(nn.Module):
         slope: float | Tensor = 1.0,
         *,
         generator: Optional[torch.Generator] = None,
+        probe: Optional[Tensor] = None,
     ) -> HMLSTMOutput:
         """Run the sequence.
 
@@ -165,6 +166,9 @@ class HMLSTM(nn.Module):
             state: the state to start from (an earlier `out.state`), or None for zeros.
             slope: the hard sigmoid's slope a > 0, a float or a 0-dim tensor (annealed during training).
             generator: random source for boundary="sample".
+            probe: None, or an (L-1, B, T) tensor that requires grad (zeros, say): after backward its .grad is
+                dL/dz_t^l, the whole gradient reaching each boundary (what the training diagnostics log). Its
+                values are not read; the forward is unchanged.
 
         Returns:
             HMLSTMOutput with h: L x (B, T, H_l), c: L x (B, T, H_l), z: (L-1) x (B, T), state.
@@ -182,7 +186,13 @@ class HMLSTM(nn.Module):
                                generator=generator)
         name = backends.resolve(self.backend, x.device)
         run = backends.sequence_fn(name)
-        return run(x, [layer.params() for layer in self.layers], self.cfgs, state, slope_t, noise)
+        if probe is not None:
+            expected = (self.num_layers - 1, B, x.shape[1])
+            if tuple(probe.shape) != expected:
+                raise ValueError(f"probe must have shape (L-1, B, T) = {expected}, got {tuple(probe.shape)}")
+            if self.num_layers == 1:
+                probe = None
+        return run(x, [layer.params() for layer in self.layers], self.cfgs, state, slope_t, noise, probe=probe)
 
     # -- argument checks: each message names the argument and what was expected --------------------
 

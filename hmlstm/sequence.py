@@ -23,6 +23,7 @@ def stepwise_forward(
     state: HMLSTMState,
     slope: Tensor,
     noise: Optional[Tensor],
+    probe: Optional[Tensor] = None,
 ) -> HMLSTMOutput:
     """Run L layers over T steps, bottom to top within a step.
 
@@ -33,6 +34,9 @@ def stepwise_forward(
         state: the initial state (h, c per layer; z for layers 1..L-1).
         slope: 0-dim tensor.
         noise: (B, T, L-1) uniform samples for boundary="sample", else None.
+        probe: None, or (L-1, B, T) whose gradient becomes dL/dz_t^l, the whole gradient reaching each
+            boundary through every use of it (the training diagnostics). Its values are never read: it enters
+            as probe - probe.detach(), which is zero.
     """
     B, T, _ = x.shape
     L = len(params)
@@ -54,6 +58,8 @@ def stepwise_forward(
             hs[l].append(h[l])
             cs[l].append(c[l])
             if z_new is not None:
+                if probe is not None:
+                    z_new = z_new + (probe[l, :, t] - probe[l, :, t].detach()).to(z_new.dtype)
                 z[l] = z_new
                 zs[l].append(z_new)
             below, z_below = h[l], z[l]

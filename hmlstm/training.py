@@ -43,8 +43,8 @@ from torch import Tensor
 
 from ._version import __version__
 from .data import Vocabulary
-from .lm import CharLM
-from .metrics import operation_fractions, prf
+from .lm import CELLS, CharLM
+from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
 from .state import HMLSTMOutput, HMLSTMState
 
 LN2 = math.log(2)
@@ -53,6 +53,7 @@ LN2 = math.log(2)
 # larger format than this is refused with a message (rather than a KeyError deep in Lightning).
 CHECKPOINT_FORMAT = 1
 NONFINITE_MODES = ("raise", "skip")
+LOSS_REDUCTIONS = ("mean", "sum_time")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,7 +189,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
         hidden_sizes: HM-LSTM layer sizes (PTB: 512, 512, 512).
         embed_size: input embedding (128 in the paper).
         output_size: output embedding of the gated output module (PTB 512, text8/enwik8 2048).
-        boundary, copy_boundary, layer_norm, backend: passed to `HMLSTM`.
+        boundary, copy_boundary, layer_norm, backend: passed to `HMLSTM` (boundary and copy_boundary default to
+            "step" and "hold"; with cell="lstm" only layer_norm and backend apply).
         lr: Adam learning rate (PTB 0.002, text8/enwik8 0.001).
         lr_factor: multiplies the learning rate when the validation NLL stops improving (paper: 1/50).
         lr_patience: epochs without improvement before that happens (0: the first one).
@@ -198,24 +200,57 @@ class HMLSTMLanguageModel(pl.LightningModule):
         nonfinite: what a NaN or Inf training loss does: "raise" (stop with `NonFiniteLossError`, naming the
             global step and the first layer whose h or c went non-finite, and at which time step) or "skip"
             (skip that batch's update, restart the carried state, count it in `train/skipped_batches`).
+        cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
+            embedding, output module and training; it refuses the HM-only options (boundary, copy_boundary,
+            boundary_norm_cap, boundary_bias).
+        loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
+            summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
+            meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
+            character either way.
+        boundary_norm_cap: after every update, scale each of a boundary unit's weight vectors (its row of
+            weight_ih, weight_hh, weight_td) down to this norm where it is longer (the authors' code: 1.9365).
+        boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias).
+        adam_beta2, weight_decay: Adam's beta2 (the authors' code: 0.99) and L2 weight decay.
 
     Logged every epoch, for stage in train/val/test: `{stage}/bpc`, `{stage}/nll`, `{stage}/boundary_rate_l{k}`,
     `{stage}/{update,copy,flush}_l{k}` (layers numbered from 1); in val/test the boundary precision, recall
     and F1 of each layer against each level of true boundaries, `{stage}/f1_l{k}_{level}`; in train
     `train/chars_per_sec`, `train/slope` and `train/grad_norm_max` (the largest gradient norm before clipping).
-    Logged per step: `train/bpc_step`, `train/grad_norm`.
+    Logged per step: `train/bpc_step`, `train/grad_norm`. F1 at tolerance 1 beside the exact one:
+    `{stage}/f1_tol1_l{k}_{level}` (alignment: `hmlstm.metrics`).
+    Boundary-gradient diagnostics (HM-LSTM): `train/dz_norm_l{k}` per step, the 2-norm over the batch and its
+    steps of dL/dz_t^k, the whole gradient reaching layer k's boundaries, in units of the per-character mean
+    NLL whatever `loss_reduction` is; `train/dz_norm_max_l{k}` and `train/dz_norm_mean_l{k}` per epoch.
+    A layer whose boundaries stop receiving gradient, or a path that explodes, shows there while it happens.
 
     Checkpoints carry what an exact mid-epoch resume needs beyond Lightning's own state (step, epoch,
     optimizer, LR scheduler, the loader's position): the carried TBPTT state of every stream and the RNG state.
     """
 
     def __init__(self, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128, output_size: int = 512,
-                 boundary: str = "step", copy_boundary: str = "hold", layer_norm: bool = True, backend: str = "auto",
-                 lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0, vocab: Optional[str] = None,
-                 byte_level: bool = False, nonfinite: str = "raise") -> None:
+                 boundary: Optional[str] = None, copy_boundary: Optional[str] = None, layer_norm: bool = True,
+                 backend: str = "auto", lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0,
+                 vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
+                 loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
+                 boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if boundary_norm_cap is not None and not boundary_norm_cap > 0:
+            raise ValueError(f"boundary_norm_cap must be > 0 or None (the authors' code: 1.9365), got {boundary_norm_cap}")
+        if not 0 <= adam_beta2 < 1 or weight_decay < 0:
+            raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
+        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
+                   "boundary_bias": boundary_bias}
+        given = [k for k, v in hm_only.items() if v is not None]
+        if cell == "lstm" and given:
+            raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
+                             f"{'applies' if len(given) == 1 else 'apply'} to cell='hmlstm' only; drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < lr_factor < 1:
@@ -229,20 +264,30 @@ class HMLSTMLanguageModel(pl.LightningModule):
         if vocab is not None:
             self._build(Vocabulary(vocab))
         self._states: dict[str, Optional[HMLSTMState]] = {}
-        self._f1: dict[str, dict[tuple[int, str], Tensor]] = {}
+        self._f1: dict[str, BoundaryCounter] = {}
         self._chars = 0
         self._t0 = 0.0
         self.validated_at_step = -1  # global step of the last validation (-1: none yet)
         self.skipped_batches = 0  # training batches skipped for a non-finite loss (nonfinite="skip")
         self._train_position = 0  # batches of the current epoch trained on
         self._resume: Optional[dict[str, Any]] = None  # the carried state of a checkpoint, until its epoch starts
+        self._probe: Optional[Tensor] = None  # this training step's boundary probe, until on_after_backward
+        self._wall_offset = 0.0  # training seconds before this run (from the checkpoint it resumed)
 
     def _build(self, vocab: Vocabulary) -> None:
         hp = self.hparams
         self.vocab = vocab
+        cell = hp.get("cell", "hmlstm")
+        options = {"layer_norm": hp.layer_norm, "backend": hp.backend}
+        if cell == "hmlstm":
+            options.update(boundary=hp.boundary or "step", copy_boundary=hp.copy_boundary or "hold")
         self.net = CharLM(len(vocab), tuple(hp.hidden_sizes), embed_size=hp.embed_size, output_size=hp.output_size,
-                          boundary=hp.boundary, copy_boundary=hp.copy_boundary, layer_norm=hp.layer_norm,
-                          backend=hp.backend)
+                          cell=cell, **options)
+        if hp.get("boundary_bias") is not None:
+            with torch.no_grad():
+                for layer in self.net.rnn.layers:
+                    if layer.has_boundary:
+                        layer.bias[4 * layer.hidden_size] = hp.boundary_bias
         hp.vocab = vocab.chars
 
     def configure_model(self) -> None:
@@ -259,8 +304,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     # -- the shared step ------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None):
-        """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope."""
+    def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, probe: Optional[Tensor] = None):
+        """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope (probe: see `HMLSTM.forward`)."""
         if self.net is None:
             self._require_vocab()
         if tokens.numel() and not tokens.is_floating_point():
@@ -270,7 +315,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
                 raise ValueError(f"token ids must be in [0, {self.net.vocab_size}) for this vocabulary of "
                                  f"{self.net.vocab_size}, got ids from {lo} to {hi}; encode text with the model's "
                                  f"vocabulary (model.vocab.encode)")
-        return self.net(tokens, state=state, slope=self.slope)
+        return self.net(tokens, state=state, slope=self.slope, probe=probe)
 
     @property
     def _distributed(self) -> bool:
@@ -279,7 +324,12 @@ class HMLSTMLanguageModel(pl.LightningModule):
     def _shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Optional[Tensor]:
         x, y = batch["input"], batch["target"]  # (B, T) each
         state = self._states.get(stage)
-        out = self(x, state)
+        self._probe = None
+        if stage == "train" and self.net is not None and self.net.rnn.num_layers > 1 and torch.is_grad_enabled() \
+                and self.hparams.get("cell", "hmlstm") == "hmlstm":
+            # its gradient is dL/dz (HMLSTM.forward): the diagnostics read it in on_after_backward
+            self._probe = torch.zeros(self.net.rnn.num_layers - 1, *x.shape, device=x.device, requires_grad=True)
+        out = self(x, state, probe=self._probe)
         self._states[stage] = out.rnn.state.detach()  # truncated BPTT: continue the streams, cut the graph
         logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -307,17 +357,47 @@ class HMLSTMLanguageModel(pl.LightningModule):
             self._log_operations(stage, out.rnn, state, n)
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
+        if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":
+            return nll * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
         return nll
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         self._chars += batch["target"].numel()
         loss = self._shared_step(batch, "train", batch_idx)
+        # comparisons at equal wall time (HM-LSTM against the LSTM baseline) read it beside the step
+        self.log("train/wall_s", self._wall_s(), on_step=True, on_epoch=False, batch_size=1)
         # the stream position a checkpoint records: this batch is done (the loader runs a batch ahead)
         self._train_position = batch_idx + 1
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if hasattr(loader, "advance_to"):
             loader.advance_to(batch_idx + 1)
         return loss
+
+    def on_after_backward(self) -> None:
+        """Log the boundary-gradient diagnostics from the probe's gradient (see the class docstring)."""
+        probe, self._probe = getattr(self, "_probe", None), None
+        if probe is None or probe.grad is None:
+            return
+        scale = probe.shape[2] if self.hparams.get("loss_reduction", "mean") == "sum_time" else 1
+        norms = torch.linalg.vector_norm(probe.grad.flatten(1), dim=1, dtype=torch.float64).float() / scale
+        for k, v in enumerate(norms, start=1):
+            self.log(f"train/dz_norm_l{k}", v, on_step=True, on_epoch=False, batch_size=1)
+            self.log(f"train/dz_norm_max_l{k}", v, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
+            self.log(f"train/dz_norm_mean_l{k}", v, on_step=False, on_epoch=True, reduce_fx="mean", batch_size=1)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step, then the boundary weight-norm cap (`boundary_norm_cap`) when it is set."""
+        super().optimizer_step(*args, **kwargs)
+        cap = self.hparams.get("boundary_norm_cap")
+        if cap is None or self.net is None or self.hparams.get("cell", "hmlstm") != "hmlstm":
+            return
+        with torch.no_grad():
+            for layer in self.net.rnn.layers:
+                if not layer.has_boundary:
+                    continue
+                for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
+                    row = w[4 * layer.hidden_size]
+                    row.mul_((cap / row.norm().clamp_min(1e-12)).clamp(max=1.0))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the 2-norm of all gradients before clipping (Lightning clips after this hook, and unscales AMP
@@ -354,6 +434,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
         first = None  # (time step, layer, "h" or "c"); within a step layer 1 is computed first
         for k, (h, c) in enumerate(zip(rnn.h, rnn.c), start=1):
             for name, seq in (("h", h), ("c", c)):  # (B, T, H)
+                if seq.dim() != 3:  # nn.LSTM layers of the baseline return no cell sequence
+                    continue
                 bad = (~torch.isfinite(seq)).flatten(2).any(-1).any(0)  # (T,)
                 if bool(bad.any()):
                     t = int(bad.nonzero()[0])
@@ -383,6 +465,8 @@ class HMLSTMLanguageModel(pl.LightningModule):
     # -- statistics -----------------------------------------------------------------------------------
 
     def _log_operations(self, stage: str, rnn: HMLSTMOutput, state: Optional[HMLSTMState], n: int) -> None:
+        if not rnn.z:  # an LSTM baseline (or a one-layer model): no boundaries, every step an UPDATE
+            return
         z_init = state.z if state is not None else tuple(torch.zeros_like(z[:, 0]) for z in rnn.z)
         for k, z in enumerate(rnn.z, start=1):
             self.log(f"{stage}/boundary_rate_l{k}", z.float().mean(), on_step=False, on_epoch=True, batch_size=n)
@@ -391,30 +475,33 @@ class HMLSTMLanguageModel(pl.LightningModule):
                 self.log(f"{stage}/{op}_l{k}", value, on_step=False, on_epoch=True, batch_size=n)
 
     def _count_boundaries(self, stage: str, zs: Sequence[Tensor], batch: dict[str, Tensor]) -> None:
-        counts = self._f1.setdefault(stage, {})
+        counter = self._f1.setdefault(stage, BoundaryCounter())
         for key, true in batch.items():
-            if not key.startswith("boundary/"):
-                continue
-            level = key.split("/", 1)[1]
-            for k, z in enumerate(zs, start=1):
-                pred = z > 0.5
-                c = torch.stack([(pred & true).sum(), pred.sum(), true.sum()]).double()
-                counts[(k, level)] = counts.get((k, level), 0) + c
+            if key.startswith("boundary/"):
+                for k, z in enumerate(zs, start=1):
+                    counter.add(k, key.split("/", 1)[1], z > 0.5, true)
 
     def _log_f1(self, stage: str) -> None:
-        for (k, level), c in sorted(self._f1.pop(stage, {}).items()):
+        counter = self._f1.pop(stage, None)
+        if counter is None:
+            return
+        for (k, level, tol), c in counter.counts.items():
             if self._distributed:  # each process counted its own streams
-                c = self.trainer.strategy.reduce(c, reduce_op="sum")
-            p, r, f1 = prf(*c.tolist())
-            self.log(f"{stage}/f1_l{k}_{level}", f1)
-            self.log(f"{stage}/precision_l{k}_{level}", p)
-            self.log(f"{stage}/recall_l{k}_{level}", r)
+                c = self.trainer.strategy.reduce(c.to(self.device), reduce_op="sum").cpu()
+            for kind, value in zip(("precision", "recall", "f1"), prf(*c.tolist())):
+                self.log(f"{stage}/{metric_name(k, level, tol, kind)}", value)
 
     # -- epoch hooks: reset the carried state at each epoch start ---------------------------------------
 
     def on_train_start(self) -> None:
         # a resume in the middle of an epoch continues it without calling on_train_epoch_start
         self._states["train"] = self._resumed_state()
+        self._fit_t0 = time.perf_counter()
+
+    def _wall_s(self) -> float:
+        """Training wall time so far, seconds, over every run that resumed this one."""
+        t0 = getattr(self, "_fit_t0", None)
+        return self._wall_offset + (time.perf_counter() - t0 if t0 is not None else 0.0)
 
     def on_train_epoch_start(self) -> None:
         self._states["train"] = None
@@ -460,6 +547,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
             "train_position": self._train_position,
             "train_state": carried,
             "skipped_batches": self.skipped_batches,
+            "wall_s": self._wall_s(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
@@ -472,6 +560,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = _hmlstm_meta(checkpoint)
         self.skipped_batches = int(meta.get("skipped_batches", 0))
+        self._wall_offset = float(meta.get("wall_s", 0.0) or 0.0)
         if meta.get("weights_only") and self._trainer is not None and self.trainer.state.fn == "fit":
             raise CheckpointError("this checkpoint was written by `hmlstm export`: it holds the model only (no "
                                   "optimizer, scheduler, loop or carried state) and cannot resume training; resume "
@@ -520,7 +609,9 @@ class HMLSTMLanguageModel(pl.LightningModule):
             raise
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=(0.9, hp.get("adam_beta2", 0.999)),
+                               weight_decay=hp.get("weight_decay", 0.0))
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.hparams.lr_factor,
                                                              patience=self.hparams.lr_patience)
         # strict=False: runs without validation (limit_val_batches=0) keep the learning rate instead of failing

@@ -100,7 +100,8 @@ if _IMPORT_ERROR is None:
         params = [p for layer in zip(W, U, V, b, ln_gates, ln_cell_w, ln_cell_b) for p in layer]
         flags = needs[1 + 3 * L - 1:]
         grads = [p.new_empty(p.shape) if (need and p is not None) else x.new_empty(0) for p, need in zip(params, flags)]
-        return [dx, *state, *grads]
+        dz_total = [x.new_empty(x.shape[0], x.shape[1]) for _ in zs]
+        return [dx, *state, *grads, *dz_total]
 
     def _setup_context(ctx, inputs, output):
         (x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope, noise,
@@ -228,6 +229,7 @@ def sequence_forward(
     state: HMLSTMState,
     slope: Tensor,
     noise: Optional[Tensor],
+    probe: Optional[Tensor] = None,
 ) -> HMLSTMOutput:
     """L layers over T steps on the CPU; the signature of `hmlstm.sequence.stepwise_forward` minus `step`.
 
@@ -242,7 +244,7 @@ def sequence_forward(
         raise RuntimeError(f"backend='cpp' is not available: {reason}")
     tensors = [x, *state.h, *state.c, *state.z, *(t for p in params for t in p if t is not None)]
     if torch.compiler.is_compiling():
-        return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise)
+        return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise, probe)
     from .cpp_sequence import fused_sequence_forward
 
     in_dtype = x.dtype
@@ -252,7 +254,8 @@ def sequence_forward(
         state = HMLSTMState(*(tuple(f32(t) for t in group) for group in state))
         params = [LayerParams(*(f32(t) for t in p)) for p in params]
     with torch.autocast(x.device.type, enabled=False):
-        out = fused_sequence_forward(x, params, cfgs, state, slope, noise, poison_enabled())
+        out = fused_sequence_forward(x, params, cfgs, state, slope, noise, poison_enabled(),
+                                     probe.float() if probe is not None and probe.dtype in _HALF else probe)
     if in_dtype in _HALF:
         cast = lambda ts: tuple(t.to(in_dtype) for t in ts)  # noqa: E731
         out = HMLSTMOutput(cast(out.h), out.c, cast(out.z),

@@ -137,14 +137,16 @@ def _time_first(x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Optional[Te
 
 
 class FusedSequence(torch.autograd.Function):
-    """forward(spec, x, slope, noise, *h0, *c0, *z0, *params) -> (*h, *c, *z, *h_T, *c_T, *z_T).
+    """forward(spec, x, slope, noise, probe, *h0, *c0, *z0, *params) -> (*h, *c, *z, *h_T, *c_T, *z_T).
 
-    x: (B, T, I); h0, c0: L x (B, H_l); z0: (L-1) x (B,); params: L x the 7 fields of LayerParams.
-    Returns h, c: L x (B, T, H_l), z: (L-1) x (B, T) and the final state.
+    x: (B, T, I); probe: None or (L-1, B, T), whose values are not read and whose gradient is dL/dz (see
+    `hmlstm.sequence.stepwise_forward`); h0, c0: L x (B, H_l); z0: (L-1) x (B,); params: L x the 7 fields of
+    LayerParams. Returns h, c: L x (B, T, H_l), z: (L-1) x (B, T) and the final state.
     """
 
     @staticmethod
-    def forward(ctx, spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], *flat):
+    def forward(ctx, spec: _Spec, x: Tensor, slope: Tensor, noise: Optional[Tensor], probe: Optional[Tensor],
+                *flat):
         h0, c0, z0, params = _split(spec, flat)
         x_t, noise_t = _time_first(x, noise)
         hs, cs, zs, pres, dense_copy = _forward_loop(spec, x_t, slope, noise_t, h0, c0, z0, params, save=True)
@@ -168,31 +170,36 @@ class FusedSequence(torch.autograd.Function):
         # (T, B, ...) views: seq_bwd reads one step of them at a time, so a contiguous copy would only cost
         per_step = lambda g: g.transpose(0, 1) if g is not None else None  # noqa: E731
         final = lambda gs, like: [g if g is not None else torch.zeros_like(t) for g, t in zip(gs, like)]  # noqa: E731
-        # forward's inputs: spec, x, slope, noise, then the 3L - 1 state tensors and the parameters
-        flags = [int(n) for n in (needs[1], *needs[4:])]
+        # forward's inputs: spec, x, slope, noise, probe, then the 3L - 1 state tensors and the parameters
+        flags = [int(n) for n in (needs[1], *needs[5:])]
         outs = torch.ops.hmlstm.seq_bwd(
             [per_step(g) for g in gH], [per_step(g) for g in gC], [per_step(g) for g in gZ], final(gHT, h0),
             final(gCT, c0), final(gZT, z0), x_t, hs, cs, zs, pres, *_fields(params), slope, noise_t, spec.mode,
             spec.recompute, ctx.dense_copy, flags, _packed_flat(params, x_t[0], True), CHUNK_ROWS, spec.poison)
         dx = outs[0].transpose(0, 1) if needs[1] else None
-        rest = [g if need else None for g, need in zip(outs[1:], needs[4:])]
-        return (None, dx, None, None, *rest)
+        n_rest = len(needs) - 5
+        rest = [g if need else None for g, need in zip(outs[1:1 + n_rest], needs[5:])]
+        d_probe = torch.stack(outs[1 + n_rest:]).transpose(1, 2) if needs[4] else None  # (L-1, T, B) -> (L-1, B, T)
+        return (None, dx, None, None, d_probe, *rest)
 
 
 def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Sequence[CellConfig],
                            state: HMLSTMState, slope: Tensor, noise: Optional[Tensor],
-                           poison: bool) -> HMLSTMOutput:
+                           poison: bool, probe: Optional[Tensor] = None) -> HMLSTMOutput:
     """`stepwise_forward` of the C++ op: one autograd node when a gradient is needed (fp32/fp64, CPU).
 
     x: (B, T, I); params, cfgs: one per layer; state: h, c L x (B, H_l), z (L-1) x (B,);
-    slope: 0-dim; noise: (B, T, L-1) for boundary="sample", else None.
+    slope: 0-dim; noise: (B, T, L-1) for boundary="sample", else None; probe: None or (L-1, B, T) (its gradient
+    is dL/dz).
     """
     L = len(params)
     spec = _Spec(L, _MODES[cfgs[0].boundary], cfgs[0].copy_boundary == "recompute", poison)
     flat = [*state.h, *state.c, *state.z, *(t for p in params for t in p)]
     noise = noise if spec.mode == 1 else None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, *flat]):
-        outs = FusedSequence.apply(spec, x, slope, noise, *flat)
+    if L == 1:
+        probe = None  # no boundaries
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, probe, *flat]):
+        outs = FusedSequence.apply(spec, x, slope, noise, probe, *flat)
     else:  # inference: nothing saved, COPY rows cost nothing
         h0, c0, z0, params = _split(spec, flat)
         x_t, noise_t = _time_first(x, noise)

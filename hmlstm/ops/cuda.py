@@ -85,6 +85,7 @@ def sequence_forward(
     state: HMLSTMState,
     slope: Tensor,
     noise: Optional[Tensor],
+    probe: Optional[Tensor] = None,
 ) -> HMLSTMOutput:
     """L layers over T steps; the signature of `hmlstm.sequence.stepwise_forward` minus `step`.
 
@@ -93,4 +94,4 @@ def sequence_forward(
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='cuda' is not available: {reason}")
-    return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise)
+    return stepwise_forward(fused_cell_step, x, params, cfgs, state, slope, noise, probe)

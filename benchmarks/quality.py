@@ -1,0 +1,129 @@
+"""Model-quality table of training runs: what `hmlstm fit` logged, summarized per run.
+
+    python benchmarks/quality.py NAME=lightning_logs/csv/version_0 NAME2=... --out results/quality.json \
+        [--plot curves.png]
+
+Each run is a folder holding the metrics.csv of a CSVLogger. For every run: steps, training wall time,
+validation BPC (last and best; test BPC when `hmlstm test` logged one into the same file), each layer's
+boundary rate and, where the data has true boundaries, the F1 of each layer against each level at
+tolerance 0 and 1 (`hmlstm.metrics`), all from the last validation. Writes JSON (with a header naming the
+machine and versions) and prints a Markdown table; `--plot` draws validation BPC against steps and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import re
+from datetime import date
+from pathlib import Path
+
+
+def _float(v: str) -> float:
+    return float(v) if v not in ("", None) else math.nan
+
+
+def read_run(folder: str | Path) -> dict:
+    """The summary of one run folder (its metrics.csv)."""
+    path = Path(folder) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.csv in {folder}")
+    rows = list(csv.DictReader(path.open()))
+    wall = [(int(r["step"]), _float(r["train/wall_s"])) for r in rows if r.get("train/wall_s")]
+    vals = [r for r in rows if r.get("val/bpc")]
+    if not vals:
+        raise ValueError(f"{path} has no validation (val/bpc)")
+
+    def wall_at(step: int) -> float:
+        before = [w for s, w in wall if s <= step]
+        return before[-1] if before else math.nan
+
+    last = vals[-1]
+    out = {
+        "steps": int(last["step"]),
+        "wall_s": wall_at(int(last["step"])),
+        "val_bpc": _float(last["val/bpc"]),
+        "best_val_bpc": min(_float(r["val/bpc"]) for r in vals),
+        "curve": [{"step": int(r["step"]), "wall_s": wall_at(int(r["step"])), "val_bpc": _float(r["val/bpc"])}
+                  for r in vals],
+    }
+    tests = [r for r in rows if r.get("test/bpc")]
+    if tests:
+        out["test_bpc"] = _float(tests[-1]["test/bpc"])
+    out["rates"] = {k.split("_l")[-1]: _float(v) for k, v in last.items()
+                    if k.startswith("val/boundary_rate_l") and v}
+    out["f1"] = {k[len("val/"):]: _float(v) for k, v in last.items() if re.match(r"val/f1_(tol\d+_)?l\d+_", k) and v}
+    grad = [(_float(r["train/grad_norm"])) for r in rows if r.get("train/grad_norm")]
+    if grad:
+        out["grad_norm_max"] = max(grad)
+    return out
+
+
+def header() -> dict:
+    import torch
+
+    return {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def table(runs: dict[str, dict]) -> str:
+    levels = sorted({k for r in runs.values() for k in r["f1"] if not k.startswith("f1_tol")})
+    cols = ["run", "steps", "wall", "val BPC", "rates"] + [f"{k} (tol 1)" for k in levels]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in runs.items():
+        rates = ", ".join(f"{v:.3f}" for _, v in sorted(r["rates"].items())) or "-"
+        f1 = [f"{r['f1'].get(k, math.nan):.3f} ({r['f1'].get(k.replace('f1_', 'f1_tol1_'), math.nan):.3f})"
+              for k in levels]
+        lines.append(f"| {name} | {r['steps']} | {r['wall_s']:.0f} s | {r['val_bpc']:.4f} | {rates} | "
+                     + " | ".join(f1) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        steps = [p["step"] for p in r["curve"]]
+        bpc = [p["val_bpc"] for p in r["curve"]]
+        axes[0].plot(steps, bpc, marker=".", label=name)
+        axes[1].plot([p["wall_s"] / 60 for p in r["curve"]], bpc, marker=".", label=name)
+    axes[0].set_xlabel("training step")
+    axes[1].set_xlabel("training wall time (min)")
+    for ax in axes:
+        ax.set_ylabel("validation BPC")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="NAME=FOLDER (a folder with metrics.csv)")
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--plot", help="PNG of validation BPC against steps and wall time")
+    a = p.parse_args(argv)
+    runs = {}
+    for spec in a.runs:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            p.error(f"runs must be NAME=FOLDER, got {spec!r}")
+        runs[name] = read_run(folder)
+    print(table(runs))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"header": header(), "runs": runs}, indent=1))
+    if a.plot:
+        plot(runs, a.plot)
+
+
+if __name__ == "__main__":
+    main()
