@@ -9,6 +9,10 @@ the comparison), each `copy_boundary`, with and without the straight-through gra
 are treated as constants in the backward pass only), and for the first 10 / 40 / 70 / 100 characters, it
 records the 2-norm over all parameters of the gradient of the mean NLL, before any clipping. Without PTB the
 Python documentation text is used (`--ptb-dir ''`).
+
+`--ablations` adds where the remaining growth comes from (revised rule, all characters): without layer norm,
+with only the gate or only the cell layer norm, the LN-LSTM baseline, and boundary-unit biases that set the
+initial FLUSH rate.
 """
 
 from __future__ import annotations
@@ -62,12 +66,58 @@ def grad_norm(net: CharLM, tokens, targets, step, copy_boundary: str) -> float:
     return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in net.parameters() if p.grad is not None))
 
 
+def ablations(dm, batch, hidden: int, T: int) -> list[dict]:
+    """Gradient norms of the revised rule under layer-norm and boundary-bias variants (see the docstring)."""
+    import hmlstm.reference as reference
+
+    rows = []
+
+    def one(name, copy_boundary="hold", cell="hmlstm", layer_norm=True, gate_ln=True, cell_ln=True, bias=None):
+        torch.manual_seed(1234)
+        opts = {"copy_boundary": copy_boundary} if cell == "hmlstm" else {}
+        net = CharLM(len(dm.vocab), (hidden,) * 3, embed_size=128, output_size=512, layer_norm=layer_norm,
+                     backend="reference", cell=cell, **opts)
+        if cell == "hmlstm":
+            with torch.no_grad():
+                for layer in net.rnn.layers:
+                    if not gate_ln:
+                        layer.ln_gates = None
+                    if bias is not None and layer.has_boundary:
+                        layer.bias[4 * layer.hidden_size] = bias
+        act = reference._cell_act
+        if not cell_ln:  # the cell's tanh without its layer norm
+            reference._cell_act = lambda c, p: torch.tanh(c)
+        try:
+            out = net(batch["input"][:, :T])
+            F.cross_entropy(out.logits.flatten(0, 1), batch["target"][:, :T].flatten()).backward()
+        finally:
+            reference._cell_act = act
+        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in net.parameters() if p.grad is not None))
+        rates = [float(z.detach().mean()) for z in out.rnn.z]
+        rows.append({"variant": name, "copy_boundary": copy_boundary if cell == "hmlstm" else None, "chars": T,
+                     "grad_norm": norm, "boundary_rates": rates})
+        print(f"{name:28s} {copy_boundary if cell == 'hmlstm' else '':9s} {norm:.4g}  rates {rates}", flush=True)
+
+    for cb in ("hold", "recompute"):
+        one("layer norm (gates, cell)", cb)
+        one("no layer norm", cb, layer_norm=False)
+        one("gate layer norm only", cb, cell_ln=False)
+        one("cell layer norm only", cb, gate_ln=False)
+    one("LN-LSTM baseline", cell="lstm")
+    for bias in (-1.0, -0.3, 0.3, 1.0):
+        one(f"boundary bias {bias:+.1f}", "hold", bias=bias)
+    for bias in (-1.0, 1.0):
+        one(f"boundary bias {bias:+.1f}", "recompute", bias=bias)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ptb-dir", default="../shared/data/ptb", help="folder of ptb.char.*.txt ('' for pydoc text)")
     p.add_argument("--lengths", type=int, nargs="+", default=[10, 40, 70, 100])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--ablations", action="store_true", help="also the layer-norm and boundary-bias variants")
     a = p.parse_args(argv)
     use_ptb = bool(a.ptb_dir) and Path(a.ptb_dir, "ptb.char.train.txt").is_file()
     dm = (PTBDataModule(data_dir=a.ptb_dir, download=False, batch_size=64, seq_len=max(a.lengths)) if use_ptb
@@ -88,11 +138,12 @@ def main(argv=None) -> None:
                                  "chars": n, "grad_norm": norm})
                     print(f"{rule:15s} {copy_boundary:9s} straight-through={st!s:5s} {n:4d} chars: {norm:.4g}",
                           flush=True)
+    extra = ablations(dm, batch, a.hidden, max(a.lengths)) if a.ablations else []
     if a.out:
         header = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "data": "ptb" if use_ptb else "pydoc", "hidden": a.hidden}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        Path(a.out).write_text(json.dumps({"header": header, "rows": rows, "ablations": extra}, indent=1))
 
 
 if __name__ == "__main__":
