@@ -95,10 +95,9 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The top-level kernels/ folder installs as hmlstm.kernels, never as a package named `kernels`.
     # configs/ ships inside the package too (hmlstm.configs), so `hmlstm fit` finds its defaults anywhere.
-    packages=["hmlstm", "hmlstm.ops", "hmlstm.kernels", "hmlstm.configs"],
-    package_dir={"hmlstm": "hmlstm", "hmlstm.kernels": "kernels", "hmlstm.configs": "configs"},
+    packages=["hmlstm", "hmlstm.ops", "hmlstm.ops.triton", "hmlstm.configs"],
+    package_dir={"hmlstm": "hmlstm", "hmlstm.configs": "configs"},
     package_data={"hmlstm.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",

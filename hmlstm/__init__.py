@@ -5,8 +5,9 @@ from .backends import available_backends
 from .boundary import hard_sigmoid
 from .lm import CharLM, GatedOutput, LMOutput
 from .model import HMLSTM, HMLSTMLayer
-from .reference import CellConfig, LayerParams, naive_cell_step
+from .reference import naive_cell_step
 from .state import HMLSTMOutput, HMLSTMState
+from .types import CellConfig, LayerParams
 
 __all__ = [
     "__version__", "HMLSTM", "HMLSTMLayer", "HMLSTMOutput", "HMLSTMState", "CharLM", "GatedOutput",

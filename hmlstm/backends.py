@@ -23,7 +23,7 @@ _MODULES = {
     "reference": "hmlstm.reference",
     "cpp": "hmlstm.ops.cpp",
     "cuda": "hmlstm.ops.cuda",
-    "triton": "hmlstm.ops.triton",
+    "triton": "hmlstm.ops.triton",  # a package: kernels, jit helpers, launcher
 }
 
 # What "auto" tries, fastest first, by device type. Triton on the CPU runs only in the interpreter:

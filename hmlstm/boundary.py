@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-BOUNDARY_MODES = ("step", "sample", "soft")
+from .types import BOUNDARY_MODES
 
 
 def hard_sigmoid(x: Tensor, slope: Tensor | float) -> Tensor:

@@ -9,11 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .boundary import BOUNDARY_MODES
-from .reference import CellConfig, LayerParams
 from .state import HMLSTMOutput, HMLSTMState
-
-COPY_BOUNDARY_MODES = ("hold", "recompute")
+from .types import BOUNDARY_MODES, COPY_BOUNDARY_MODES, CellConfig, LayerParams
 
 
 class HMLSTMLayer(nn.Module):

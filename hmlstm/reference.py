@@ -37,50 +37,14 @@ boundary unit is left out of the normalization: s_z = (U h + zb V h' + zu W x)[4
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .boundary import boundary
-
-LN_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class CellConfig:
-    """Static options of one layer.
-
-    boundary: "step" | "sample" | "soft"; copy_boundary: "hold" | "recompute" (PAPER.md, z on COPY);
-    layer_norm: LN on gates and cell; has_boundary: False for the top layer (no z row, never FLUSHes).
-    """
-
-    boundary: str = "step"
-    copy_boundary: str = "hold"
-    layer_norm: bool = False
-    has_boundary: bool = True
-
-
-class LayerParams(NamedTuple):
-    """Weights of one layer l with H = H_l, I = H_{l-1} (or the input size), Ha = H_{l+1} (0 on top).
-
-    G = 4H + 1 rows for non-top layers, 4H for the top layer, in the block order f, i, o, g, z.
-
-    W: (G, I) bottom-up, U: (G, H) recurrent, V: (G, Ha) top-down, b: (G,) bias.
-    ln_gates: (4H,) gain of the gate LN; ln_cell_w, ln_cell_b: (H,) gain and bias of the cell LN.
-    The three LN tensors are None when layer normalization is off.
-    """
-
-    W: Tensor
-    U: Tensor
-    V: Tensor
-    b: Tensor
-    ln_gates: Optional[Tensor] = None
-    ln_cell_w: Optional[Tensor] = None
-    ln_cell_b: Optional[Tensor] = None
-
+from .types import LN_EPS, CellConfig, LayerParams
 
 def _cell_act(c: Tensor, p: LayerParams) -> Tensor:
     """tanh(c), or tanh(LN(c)) with layer norm on."""

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import CellConfig, LayerParams
+from .types import CellConfig, LayerParams
 from .state import HMLSTMOutput, HMLSTMState
 
 # step(x, z_below, h, c, z, h_above, params, slope, noise, cfg) -> (h_t, c_t, z_t or None),

@@ -21,6 +21,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a
-# kernel is decorated, so it must be set before any hmlstm.kernels module is imported.
+# kernel is decorated, so it must be set before any module of hmlstm.ops.triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -457,7 +457,9 @@ def test_half_inputs_within_twice_the_reference_error(dtype):
 # -- errors ---------------------------------------------------------------------------------------
 
 def test_unavailable_build_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(cpp, "_IMPORT_ERROR", ImportError("No module named 'hmlstm._C'"))
+    from hmlstm.ops import extension
+
+    monkeypatch.setattr(extension, "IMPORT_ERROR", ImportError("No module named 'hmlstm._C'"))
     reason = cpp.unavailable_reason("cpu")
     assert "pip install torch==2.13.0 && pip install --no-build-isolation -e ." in reason
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):

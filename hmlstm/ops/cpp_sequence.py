@@ -9,7 +9,7 @@ loops run in C++ (csrc/cell_cpu.cpp):
   (T + 1, B, .) buffers (slot 0: the initial state);
 - `hmlstm::seq_bwd`: the reverse loop over `hmlstm::cell_bwd`'s kernels, which give the data gradients and
   `ds`, the gradient of the step's pre-activation; each weight gradient is one GEMM over the gated rows of
-  many steps (PAPER.md's dense straight-through gradient, as in `hmlstm.reference`):
+  many steps (the dense straight-through gradient of docs/spec.md, as in `hmlstm.reference`):
 
       dU = sum_t ds_t^T h_{t-1}^l                    over the active rows (not COPY)
       dV = sum_t (z_{t-1}^l ds_t)^T h_{t-1}^{l+1}     over the rows with z_{t-1}^l != 0
@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..reference import CellConfig, LayerParams
 from ..state import HMLSTMOutput, HMLSTMState
-from .cpp import _MODES
+from ..types import BOUNDARY_CODES, CellConfig, LayerParams
+from . import extension  # noqa: F401  (loads hmlstm._C: the seq_fwd / seq_bwd ops and their fake kernels)
 
 # Rows of one weight-gradient GEMM (whole steps, at least one): large enough to run at full speed, small
 # enough that the ds buffer stays small (2048 x 2049 floats at PTB size, 17 MB; a fresh 52 MB per layer once
@@ -116,7 +116,7 @@ def _forward_loop(spec: _Spec, x_t: Tensor, slope: Tensor, noise_t: Optional[Ten
                   params: Sequence[LayerParams], save: bool):
     """`hmlstm::seq_fwd` on x_t (T, B, I), noise_t (T, L-1, B): returns hs, cs L x (T+1, B, H_l), zs L-1 x
     (T+1, B) (slot 0: the initial state), pres L x (T, B, G_l) (when save) and whether COPY rows kept U h."""
-    dense_copy = save and spec.L > 1  # the boundaries need gradients (PAPER.md): COPY rows keep U h in `pre`
+    dense_copy = save and spec.L > 1  # the boundaries need gradients (docs/spec.md): COPY rows keep U h in `pre`
     hs, cs, zs, pres = torch.ops.hmlstm.seq_fwd(
         x_t, list(h0), list(c0), list(z0), *_fields(params), slope, noise_t, spec.mode, spec.recompute, save,
         dense_copy, _packed_flat(params, x_t[0], False, reuse=not save), spec.poison)
@@ -193,7 +193,7 @@ def fused_sequence_forward(x: Tensor, params: Sequence[LayerParams], cfgs: Seque
     is dL/dz).
     """
     L = len(params)
-    spec = _Spec(L, _MODES[cfgs[0].boundary], cfgs[0].copy_boundary == "recompute", poison)
+    spec = _Spec(L, BOUNDARY_CODES[cfgs[0].boundary], cfgs[0].copy_boundary == "recompute", poison)
     flat = [*state.h, *state.c, *state.z, *(t for p in params for t in p)]
     noise = noise if spec.mode == 1 else None
     if L == 1:

@@ -1,7 +1,7 @@
 """The CUDA backend: the CUDA kernels of `hmlstm::cell_fwd` / `hmlstm::cell_bwd` (csrc/cell_cuda.cu).
 
-The ops, their fake kernels and their autograd formula are the C++ backend's (`hmlstm.ops.cpp`): one
-schema for every device, and the dispatcher picks the CUDA kernels for CUDA tensors. This module only
+The ops, their fake kernels and their autograd formula are registered once for every device
+(`hmlstm.ops.extension`), and the dispatcher picks the CUDA kernels for CUDA tensors. This module only
 checks that those kernels were built and runs the layer-steps one by one (`stepwise_forward`); each
 step's backward is the fused `cell_bwd`.
 
@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..reference import CellConfig, LayerParams
 from ..sequence import stepwise_forward
 from ..state import HMLSTMOutput, HMLSTMState
-from . import cpp
+from ..types import CellConfig, LayerParams
+from . import extension
+from .extension import cell_step_op
 
 BUILD_COMMAND = "pip install --no-build-isolation --no-deps -e ."
 
@@ -32,7 +33,7 @@ def has_cuda_kernels() -> bool:
 
 # Looked up once (the registrations happen when hmlstm._C loads, before this module is imported), so that
 # torch.compile traces a constant instead of a dispatcher query.
-_KERNELS_BUILT = cpp._IMPORT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("hmlstm::cell_fwd",
+_KERNELS_BUILT = extension.IMPORT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("hmlstm::cell_fwd",
                                                                                               "CUDA")
 
 
@@ -42,8 +43,8 @@ def unavailable_reason(device: torch.device | str) -> Optional[str]:
     if device.type != "cuda":
         return (f"the CUDA backend runs on CUDA devices only, got device {device}; use backend='cpp' on the "
                 f"CPU")
-    if cpp._IMPORT_ERROR is not None:
-        return (f"the extension hmlstm._C is not built or does not load ({cpp._IMPORT_ERROR}); build it from "
+    if extension.IMPORT_ERROR is not None:
+        return (f"the extension hmlstm._C is not built or does not load ({extension.IMPORT_ERROR}); build it from "
                 f"the repository root with `{BUILD_COMMAND}` on a machine with nvcc and a CUDA build of torch")
     if not has_cuda_kernels():
         return ("hmlstm._C was built without its CUDA kernels (csrc/cell_cuda.cu: no nvcc, a CPU-only torch, or "
@@ -75,7 +76,7 @@ def fused_cell_step(
     reason = unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='cuda' is not available: {reason}")
-    return cpp.cell_step_op(x, z_below, h, c, z, h_above, p, slope, noise, cfg)
+    return cell_step_op(x, z_below, h, c, z, h_above, p, slope, noise, cfg)
 
 
 def sequence_forward(

@@ -1,7 +1,7 @@
 """The Triton backend: `fused_cell_step`, one HM-LSTM layer-step as two `torch.library` ops.
 
-Layers, fla style: `hmlstm.reference.naive_cell_step` (the oracle) -> `hmlstm.kernels.cell_fwd` /
-`cell_bwd` (the @triton.jit kernels, design in their docstrings) -> the launchers below, registered
+Layers, fla style: `hmlstm.reference.naive_cell_step` (the oracle) -> `cell_fwd.py` / `cell_bwd.py` in this
+package (the @triton.jit kernels, design in their docstrings; shared helpers in `jit.py`) -> the launchers below, registered
 as ops with `torch.library.triton_op` so that `torch.compile` traces through them and sees the kernels
 (`wrap_triton`) -> `register_autograd` -> `fused_cell_step`, the public function with the signature of
 the reference.
@@ -35,20 +35,16 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from ..boundary import BOUNDARY_MODES
-from ..reference import LN_EPS, CellConfig, LayerParams
-from .common import new_empty
+from ...types import BOUNDARY_CODES, BOUNDARY_MODES, LN_EPS, CellConfig, LayerParams
+from ..common import new_empty
 
 try:
     import triton
-    from hmlstm.kernels import cell_bwd, cell_fwd
+    from . import cell_bwd, cell_fwd
 
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # the other backends keep working without triton
     _IMPORT_ERROR = e
-
-_BOUNDARY = {"step": 0, "sample": 1, "soft": 2}
-
 
 def _interpreted() -> bool:
     """True when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import time)."""
@@ -131,7 +127,7 @@ def triton_cell_fwd(
         x, z_below, h, c, z, h_above, W, U, V, b, slope, noise if noise is not None else z, perm, n_act,
         h_new, c_new, z_new, pre,
         B, I, HD, HAD,
-        BOUNDARY=_BOUNDARY[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln, SAVE=need_grad,
+        BOUNDARY=BOUNDARY_CODES[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln, SAVE=need_grad,
         DOT_F32=dot_f32, PREC="ieee", BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K,
     )
     if ln:
@@ -179,7 +175,7 @@ def triton_cell_bwd(
         grad_h.contiguous(), grad_c.contiguous(), grad_z.contiguous(),
         dpre, dy, dgam, dcw, dcb, dc_prev, dh_dir, dzb, dzu,
         B, HD, LN_EPS,
-        BOUNDARY=_BOUNDARY[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln,
+        BOUNDARY=BOUNDARY_CODES[boundary], RECOMPUTE=recompute, HAS_Z=int(has_boundary), LN=ln,
         BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H,
     )
     xc, hc, hac = x.to(ct), h.to(ct), h_above.to(ct)
@@ -208,7 +204,11 @@ def triton_cell_bwd(
             grad_V.to(V.dtype), grad_b.to(b.dtype)] + grads_ln
 
 
-_FWD_TENSOR_ARGS = 15  # x ... noise: the forward's tensor inputs, in order
+# The forward's tensor inputs, in order (then four static options): the backward finds the LN weights by name.
+_FWD_TENSORS = ("x", "z_below", "h", "c", "z", "h_above", "W", "U", "V", "b", "ln_gates", "ln_cell_w", "ln_cell_b",
+                "slope", "noise")
+_N_STATIC = 4  # boundary, copy_boundary, has_boundary, need_grad
+_LN = slice(_FWD_TENSORS.index("ln_gates"), _FWD_TENSORS.index("ln_cell_b") + 1)
 
 
 def _setup_context(ctx, inputs, output):
@@ -227,10 +227,9 @@ def _backward(ctx, grad_h, grad_c, grad_z, _grad_pre):
                            "gradient is required)")
     saved = ctx.saved_tensors
     grads = torch.ops.hmlstm.triton_cell_bwd(*saved, grad_h, grad_c, grad_z, *ctx.cfg)
-    lng, lncw, lncb = saved[10:13]
-    out = list(grads[:10]) + [grads[10] if lng is not None else None, grads[11] if lncw is not None else None,
-                              grads[12] if lncb is not None else None]
-    return tuple(out) + (None,) * (19 - len(out))
+    # the weights' gradients, then one per LN tensor that was given (none for slope, noise and the options)
+    out = list(grads[:_LN.start]) + [g if t is not None else None for g, t in zip(grads[_LN], saved[_LN])]
+    return tuple(out) + (None,) * (len(_FWD_TENSORS) + _N_STATIC - len(out))
 
 
 triton_cell_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -31,34 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-STEP, SAMPLE, SOFT = 0, 1, 2  # boundary modes, as the kernels take them
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp(-2|x|): no overflow, and no libdevice call that would tie the kernel to one backend
-    t = tl.exp(-2.0 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _boundary(s, slope, noise, MODE: tl.constexpr):
-    """z from the boundary pre-activation s (see hmlstm.boundary): step, sample or soft."""
-    if MODE == 0:
-        z = tl.where(s > 0, 1.0, 0.0).to(s.dtype)
-    else:
-        hs = tl.minimum(tl.maximum((slope * s + 1.0) * 0.5, 0.0), 1.0)
-        if MODE == 1:
-            z = tl.where(noise < hs, 1.0, 0.0).to(s.dtype)
-        else:
-            z = hs
-    return z
+from .jit import boundary, cell_moments, gate_moments, load_gates, sigmoid, tanh
 
 
 @triton.jit
@@ -174,16 +147,16 @@ def _cell_pre_kernel(
         if not LN:
             if is_active:
                 # gates and the dense update of the reference (COPY rows of a mixed block come out exact)
-                f = _sigmoid(acc_f + tl.load(Bias + cols, mask=cmask, other=0.0).to(CT)[None, :])
-                i = _sigmoid(acc_i + tl.load(Bias + HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
-                o = _sigmoid(acc_o + tl.load(Bias + 2 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
-                g = _tanh(acc_g + tl.load(Bias + 3 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
+                f = sigmoid(acc_f + tl.load(Bias + cols, mask=cmask, other=0.0).to(CT)[None, :])
+                i = sigmoid(acc_i + tl.load(Bias + HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
+                o = sigmoid(acc_o + tl.load(Bias + 2 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
+                g = tanh(acc_g + tl.load(Bias + 3 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
                 c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
                 h = tl.load(Hp + hc, mask=m2, other=0.0).to(CT)
                 c_flush = i * g
                 c_update = f * c + i * g
-                h_flush = o * _tanh(c_flush)
-                h_update = o * _tanh(c_update)
+                h_flush = o * tanh(c_flush)
+                h_update = o * tanh(c_update)
                 zb2 = zb[:, None]
                 zu2 = zu[:, None]
                 c_new = zb2 * c_flush + (1 - zb2) * (zu2 * c_update + (1 - zu2) * c)
@@ -200,7 +173,7 @@ def _cell_pre_kernel(
                 noise = tl.zeros([BLOCK_B], dtype=CT)
                 if BOUNDARY == 1:
                     noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
-                z_hat = _boundary(pre_z + bz, slope, noise, BOUNDARY)
+                z_hat = boundary(pre_z + bz, slope, noise, BOUNDARY)
                 # docs/spec.md, the boundary rule: recompute z = z~ (on COPY rows pre_z is U h alone);
                 # hold z = z~ (1 - (1 - zb)(1 - zu)), 0 on COPY rows
                 if RECOMPUTE:
@@ -224,84 +197,10 @@ def _cell_pre_kernel(
                             noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
                         s_copy = _row_dot(Hp, U + 4 * HD * HD, rows, rmask, HD, tl.zeros([BLOCK_B], dtype=CT),
                                           BLOCK_K) + bz
-                        z_out = _boundary(s_copy, slope, noise, BOUNDARY)
+                        z_out = boundary(s_copy, slope, noise, BOUNDARY)
                     else:
                         z_out = tl.zeros([BLOCK_B], dtype=CT)
                     tl.store(Z_OUT + rows, z_out.to(Z_OUT.dtype.element_ty), mask=rmask)
-
-
-@triton.jit
-def _load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN: tl.constexpr, CT: tl.constexpr):
-    """f, i, o, g for one column block, from the saved `pre` (gate LN with the row's mean/rstd if LN)."""
-    m2 = rmask[:, None] & cmask[None, :]
-    base = PRE + rows[:, None] * G + cols[None, :]
-    pf = tl.load(base, mask=m2, other=0.0).to(CT)
-    pi = tl.load(base + HD, mask=m2, other=0.0).to(CT)
-    po = tl.load(base + 2 * HD, mask=m2, other=0.0).to(CT)
-    pg = tl.load(base + 3 * HD, mask=m2, other=0.0).to(CT)
-    if LN:
-        pf = (pf - mean[:, None]) * rstd[:, None] * tl.load(LNG + cols, mask=cmask, other=0.0).to(CT)[None, :]
-        pi = (pi - mean[:, None]) * rstd[:, None] * tl.load(LNG + HD + cols, mask=cmask, other=0.0).to(CT)[None, :]
-        po = (po - mean[:, None]) * rstd[:, None] * tl.load(LNG + 2 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :]
-        pg = (pg - mean[:, None]) * rstd[:, None] * tl.load(LNG + 3 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :]
-    f = _sigmoid(pf + tl.load(Bias + cols, mask=cmask, other=0.0).to(CT)[None, :])
-    i = _sigmoid(pi + tl.load(Bias + HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
-    o = _sigmoid(po + tl.load(Bias + 2 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
-    g = _tanh(pg + tl.load(Bias + 3 * HD + cols, mask=cmask, other=0.0).to(CT)[None, :])
-    return f, i, o, g
-
-
-@triton.jit
-def _gate_moments(PRE, rows, rmask, HD, G, eps, CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Mean and 1/std over the 4H gate pre-activations of each row (two passes, as F.layer_norm)."""
-    s = tl.zeros([BLOCK_B], dtype=CT)
-    for c0 in range(0, 4 * HD, BLOCK_H):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        m2 = rmask[:, None] & (cols < 4 * HD)[None, :]
-        s += tl.sum(tl.load(PRE + rows[:, None] * G + cols[None, :], mask=m2, other=0.0).to(CT), axis=1)
-    mean = s / (4 * HD)
-    v = tl.zeros([BLOCK_B], dtype=CT)
-    for c0 in range(0, 4 * HD, BLOCK_H):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        m2 = rmask[:, None] & (cols < 4 * HD)[None, :]
-        d = tl.load(PRE + rows[:, None] * G + cols[None, :], mask=m2, other=0.0).to(CT) - mean[:, None]
-        d = tl.where(m2, d, 0.0)
-        v += tl.sum(d * d, axis=1)
-    rstd = 1.0 / tl.sqrt(v / (4 * HD) + eps)
-    return mean, rstd
-
-
-@triton.jit
-def _cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
-                  CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Mean and 1/std over H of both candidate cells, c_flush = i g and c_update = f c + i g."""
-    s_fl = tl.zeros([BLOCK_B], dtype=CT)
-    s_up = tl.zeros([BLOCK_B], dtype=CT)
-    for c0 in range(0, HD, BLOCK_H):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        cmask = cols < HD
-        m2 = rmask[:, None] & cmask[None, :]
-        f, i, o, g = _load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, True, CT)
-        c = tl.load(Cp + rows[:, None] * HD + cols[None, :], mask=m2, other=0.0).to(CT)
-        s_fl += tl.sum(tl.where(m2, i * g, 0.0), axis=1)
-        s_up += tl.sum(tl.where(m2, f * c + i * g, 0.0), axis=1)
-    mu_fl = s_fl / HD
-    mu_up = s_up / HD
-    v_fl = tl.zeros([BLOCK_B], dtype=CT)
-    v_up = tl.zeros([BLOCK_B], dtype=CT)
-    for c0 in range(0, HD, BLOCK_H):
-        cols = c0 + tl.arange(0, BLOCK_H)
-        cmask = cols < HD
-        m2 = rmask[:, None] & cmask[None, :]
-        f, i, o, g = _load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, True, CT)
-        c = tl.load(Cp + rows[:, None] * HD + cols[None, :], mask=m2, other=0.0).to(CT)
-        d_fl = tl.where(m2, i * g - mu_fl[:, None], 0.0)
-        d_up = tl.where(m2, f * c + i * g - mu_up[:, None], 0.0)
-        v_fl += tl.sum(d_fl * d_fl, axis=1)
-        v_up += tl.sum(d_up * d_up, axis=1)
-    rs_fl = 1.0 / tl.sqrt(v_fl / HD + eps)
-    rs_up = 1.0 / tl.sqrt(v_up / HD + eps)
-    return mu_fl, rs_fl, mu_up, rs_up
 
 
 @triton.jit
@@ -322,23 +221,23 @@ def _cell_ln_update_kernel(
     if pid_b * BLOCK_B < n_act:
         zb = tl.load(ZB + rows, mask=rmask, other=0.0).to(CT)[:, None]
         zu = tl.load(ZU + rows, mask=rmask, other=0.0).to(CT)[:, None]
-        mean, rstd = _gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
-        mu_fl, rs_fl, mu_up, rs_up = _cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
+        mean, rstd = gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
+        mu_fl, rs_fl, mu_up, rs_up = cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
                                                    CT, BLOCK_B, BLOCK_H)
         for c0 in range(0, HD, BLOCK_H):
             cols = c0 + tl.arange(0, BLOCK_H)
             cmask = cols < HD
             m2 = rmask[:, None] & cmask[None, :]
             hc = rows[:, None] * HD + cols[None, :]
-            f, i, o, g = _load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, True, CT)
+            f, i, o, g = load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, True, CT)
             c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
             h = tl.load(Hp + hc, mask=m2, other=0.0).to(CT)
             cw = tl.load(LNCW + cols, mask=cmask, other=0.0).to(CT)[None, :]
             cb = tl.load(LNCB + cols, mask=cmask, other=0.0).to(CT)[None, :]
             c_flush = i * g
             c_update = f * c + i * g
-            h_flush = o * _tanh((c_flush - mu_fl[:, None]) * rs_fl[:, None] * cw + cb)
-            h_update = o * _tanh((c_update - mu_up[:, None]) * rs_up[:, None] * cw + cb)
+            h_flush = o * tanh((c_flush - mu_fl[:, None]) * rs_fl[:, None] * cw + cb)
+            h_update = o * tanh((c_update - mu_up[:, None]) * rs_up[:, None] * cw + cb)
             c_new = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)
             h_new = zb * h_flush + (1 - zb) * (zu * h_update + (1 - zu) * h)
             tl.store(C_OUT + hc, c_new.to(C_OUT.dtype.element_ty), mask=m2)

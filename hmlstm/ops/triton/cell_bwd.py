@@ -30,18 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .cell_fwd import _boundary, _cell_moments, _gate_moments, _load_gates, _tanh
-
-
-@triton.jit
-def _boundary_grad(s, slope, MODE: tl.constexpr):
-    """d z / d s: the straight-through a/2 where |a s| < 1 (step, sample), the clamp's gradient (soft)."""
-    if MODE == 2:
-        v = (slope * s + 1.0) * 0.5
-        inside = (v >= 0.0) & (v <= 1.0)
-    else:
-        inside = tl.abs(slope * s) < 1.0
-    return tl.where(inside, 0.5 * slope, 0.0).to(s.dtype)
+from .jit import boundary, boundary_grad, cell_moments, gate_moments, load_gates, tanh
 
 
 @triton.jit
@@ -49,7 +38,7 @@ def _branches(PRE, Bias, LNG, LNCW, LNCB, Cp, rows, rmask, cols, cmask, HD, G, m
               mu_fl, rs_fl, mu_up, rs_up, LN: tl.constexpr, CT: tl.constexpr):
     """Gates, both candidate cells and their activations for one column block."""
     m2 = rmask[:, None] & cmask[None, :]
-    f, i, o, g = _load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN, CT)
+    f, i, o, g = load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN, CT)
     c = tl.load(Cp + rows[:, None] * HD + cols[None, :], mask=m2, other=0.0).to(CT)
     c_fl = i * g
     c_up = f * c + i * g
@@ -58,14 +47,14 @@ def _branches(PRE, Bias, LNG, LNCW, LNCB, Cp, rows, rmask, cols, cmask, HD, G, m
         cb = tl.load(LNCB + cols, mask=cmask, other=0.0).to(CT)[None, :]
         x_fl = (c_fl - mu_fl[:, None]) * rs_fl[:, None]
         x_up = (c_up - mu_up[:, None]) * rs_up[:, None]
-        a_fl = _tanh(x_fl * cw + cb)
-        a_up = _tanh(x_up * cw + cb)
+        a_fl = tanh(x_fl * cw + cb)
+        a_up = tanh(x_up * cw + cb)
     else:
         cw = tl.zeros_like(c)
         x_fl = c_fl
         x_up = c_up
-        a_fl = _tanh(c_fl)
-        a_up = _tanh(c_up)
+        a_fl = tanh(c_fl)
+        a_up = tanh(c_up)
     return f, i, o, g, c, c_fl, c_up, x_fl, x_up, a_fl, a_up, cw
 
 
@@ -93,8 +82,8 @@ def _cell_bwd_kernel(
     mean, rstd, mu_fl, rs_fl, mu_up, rs_up = zero, zero, zero, zero, zero, zero
     s1_fl, s2_fl, s1_up, s2_up = zero, zero, zero, zero
     if LN:
-        mean, rstd = _gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
-        mu_fl, rs_fl, mu_up, rs_up = _cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
+        mean, rstd = gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
+        mu_fl, rs_fl, mu_up, rs_up = cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
                                                    CT, BLOCK_B, BLOCK_H)
         # the cell LN backward needs two row sums per branch before any dc can be formed
         for c0 in range(0, HD, BLOCK_H):
@@ -196,15 +185,15 @@ def _cell_bwd_kernel(
         if RECOMPUTE:
             # z = z~ on every row: ds_z is unmasked, and the launcher's <dpre W, x>, <dpre V, h_above> carry it
             # to zu and zb through the gated products (COPY rows included)
-            tl.store(DPRE + rows * G + zrow, dz * _boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
+            tl.store(DPRE + rows * G + zrow, dz * boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
         else:
             # hold: z = z~ (1 - (1 - zb)(1 - zu)) (docs/spec.md, the boundary rule)
             noise = tl.zeros([BLOCK_B], dtype=CT)
             if BOUNDARY == 1:
                 noise = tl.load(NOISE + rows, mask=rmask, other=0.0).to(CT)
-            z_hat = _boundary(s_z, slope, noise, BOUNDARY)
+            z_hat = boundary(s_z, slope, noise, BOUNDARY)
             w_z = 1 - (1 - zb1) * (1 - zu1)
-            tl.store(DPRE + rows * G + zrow, dz * w_z * _boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
+            tl.store(DPRE + rows * G + zrow, dz * w_z * boundary_grad(s_z, slope, BOUNDARY), mask=rmask)
             dzb += dz * z_hat * (1 - zu1)
             dzu += dz * z_hat * (1 - zb1)
     tl.store(DZB + rows, dzb, mask=rmask)

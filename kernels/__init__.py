@@ -1,1 +1,0 @@
-"""Triton kernels of the HM-LSTM layer-step; installed as `hmlstm.kernels`."""
