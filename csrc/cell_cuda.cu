@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(const Cell<T> L
     zhat = boundary_value(s_z, L.slope, L.mode, noise);
   }
   if (zgrad) {
-    // d/dz_{t-1} and d/dz_below of the dense selection (PAPER.md, the reference gradient)
+    // d/dz_{t-1} and d/dz_below of the dense selection (docs/spec.md, "The gradient")
     double pb = 0, pu_ = 0;
     ROW_LOOP(j, H) {
       const T hf = og[j] * af[j], hu = og[j] * au[j];

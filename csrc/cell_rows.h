@@ -337,7 +337,7 @@ void backward_rows(const Cell<T>& L, const Rows& rs, bool zgrad, const BwdBuffer
         zhat = boundary_value(s_z, L.slope, L.mode, noise);
       }
       if (zgrad) {
-        // d/dz_{t-1} and d/dz_below of the dense selection (PAPER.md, the reference gradient)
+        // d/dz_{t-1} and d/dz_below of the dense selection (docs/spec.md, "The gradient")
         T acc_b = sum8<T>(H, [&](int64_t j) {
           const T hf = og[j] * af[j], hu = og[j] * au[j];
           return dc[j] * (cf[j] - (zu * cu[j] + (T(1) - zu) * cr[j])) +

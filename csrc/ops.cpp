@@ -1,8 +1,8 @@
 // The op schemas of the fused HM-LSTM layer-step, declared once for every device.
 //
-// Kernels: cell_cpu.cpp (CPU: the four compute ops), cell_cuda.cu (CUDA: cell_fwd and cell_bwd), host_cache.cpp
-// (cpu_cache_info, cpu_cache_clear: the CPU ops' buffer cache).
-// Fake (shape-only) kernels and the autograd formula are registered in Python (hmlstm/ops/cpp.py).
+// Kernels: cell_cpu.cpp (CPU: cell_fwd, cell_bwd), seq_cpu.cpp (CPU: seq_fwd, seq_bwd), cell_cuda.cu (CUDA:
+// cell_fwd and cell_bwd), host_cache.cpp (cpu_cache_info, cpu_cache_clear: the CPU ops' buffer cache).
+// Fake (shape-only) kernels and the autograd formula are registered in Python (hmlstm/ops/extension.py).
 //
 // The Triton backend adds Python ops to the same namespace (hmlstm::triton_*) as a torch.library
 // FRAGMENT; a FRAGMENT coexists with this TORCH_LIBRARY whichever is loaded first (tests/test_cpp.py).
@@ -25,7 +25,7 @@ TORCH_LIBRARY(hmlstm, m) {
       "Tensor V, Tensor b, Tensor? ln_gates, Tensor? ln_cell_w, Tensor? ln_cell_b, Tensor slope, "
       "Tensor? noise, int boundary_mode, bool recompute, bool save, bool dense_copy, Tensor?[] packed, "
       "bool poison) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Its backward: the gradient of the reference's dense formula (PAPER.md, "the reference gradient").
+  // Its backward: the gradient of the reference's dense formula (docs/spec.md, "The gradient").
   // Returns 15 tensors: the gradients of x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w,
   // ln_cell_b (output_mask selects which to compute; the others are (0,)), then, when return_ds is true,
   // ds (B, G): the gradient of the pre-activation s (zero on COPY rows), and ds_copy (B,): that of the
