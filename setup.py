@@ -96,7 +96,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # configs/ ships inside the package too (hmlstm.configs), so `hmlstm fit` finds its defaults anywhere.
-    packages=["hmlstm", "hmlstm.ops", "hmlstm.ops.triton", "hmlstm.configs"],
+    packages=["hmlstm", "hmlstm.data", "hmlstm.ops", "hmlstm.ops.triton", "hmlstm.configs"],
     package_dir={"hmlstm": "hmlstm", "hmlstm.configs": "configs"},
     package_data={"hmlstm.configs": ["*.yaml"]},
     install_requires=[

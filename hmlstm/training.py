@@ -1,4 +1,4 @@
-"""Lightning training of the character-level HM-LSTM language model (PAPER.md, "Training setup").
+"""Lightning training of the character-level HM-LSTM language model (docs/spec.md, "Training").
 
 Run it from the command line (see `hmlstm.cli`):
 
@@ -25,161 +25,40 @@ raise `CheckpointError`.
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import tempfile
 import time
-import zipfile
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from . import generation
 from ._version import __version__
+from .callbacks import SlopeAnnealing
+from .checkpoint import (CHECKPOINT_FORMAT, AtomicCheckpointIO, CheckpointError, describe_checkpoint_problem,
+                         export_weights, hmlstm_meta, without_instantiator)
 from .data import Vocabulary
+from .diagnostics import boundary_grad_norms, first_nonfinite
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
 from .state import HMLSTMOutput, HMLSTMState
 
 LN2 = math.log(2)
-
-# Bumped when a checkpoint written by this version cannot be read by an older one; a checkpoint with a
-# larger format than this is refused with a message (rather than a KeyError deep in Lightning).
-CHECKPOINT_FORMAT = 1
-NONFINITE_MODES = ("raise", "skip")
-LOSS_REDUCTIONS = ("mean", "sum_time")
+# Re-exported: the names users and the CLI import from here.
+__all__ = ["HMLSTMLanguageModel", "NonFiniteLossError", "SlopeAnnealing", "AtomicCheckpointIO", "CheckpointError",
+           "describe_checkpoint_problem", "export_weights", "CHECKPOINT_FORMAT"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step and where it started."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: truncated, corrupt, or from an incompatible version."""
-
-
-def describe_checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
-    """Why `path` is not a readable checkpoint (missing, empty, truncated), or None if it reads."""
-    path = Path(path)
-    if not path.is_file():
-        return f"no such checkpoint file: {path}"
-    size = path.stat().st_size
-    # torch.save writes a zip archive whose directory is at the end: a cut-off file has none
-    if size == 0 or not zipfile.is_zipfile(path):
-        return (f"checkpoint {path} ({size} bytes) is truncated or not a PyTorch checkpoint; if a run was "
-                f"killed while writing it, resume from an earlier one (checkpoints written through "
-                f"hmlstm.training.AtomicCheckpointIO are never left half-written)")
-    return None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint writes that a crash cannot corrupt: write a temporary file in the same directory, fsync it,
-    rename it over the target (atomic on POSIX and Windows), fsync the directory. A kill at any moment leaves
-    either the previous checkpoint or the new one, complete. Loads that fail on a damaged file raise
-    `CheckpointError` saying so. The `hmlstm` command uses it by default; with a Trainer:
-    `pl.Trainer(plugins=[AtomicCheckpointIO()])`.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        problem = describe_checkpoint_problem(path) if Path(path).exists() else None
-        if problem is not None:
-            raise CheckpointError(problem)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-
-
-def _without_instantiator(path: str | os.PathLike) -> str | os.PathLike | io.BytesIO:
-    """The checkpoint at `path`, minus the `_instantiator` that LightningCLI records in its hyperparameters.
-
-    Why: with it, Lightning rebuilds the module through jsonargparse, which reads the vocabulary string as
-    YAML, where " #" starts a comment: PTB's vocabulary ("\\n #$&'*...") came back as None. The init
-    arguments are plain values, so the module is built from them directly. Returns `path` itself when the
-    checkpoint has no instantiator, else the edited checkpoint in memory.
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = ckpt.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
-    if not isinstance(hparams, dict) or hparams.pop("_instantiator", None) is None:
-        return path
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    buf.seek(0)
-    return buf
-
-
-def _hmlstm_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's hmlstm metadata ({"format": 0} for checkpoints older than it); a `CheckpointError` if a
-    newer hmlstm wrote it in a format this one cannot read."""
-    meta = checkpoint.get("hmlstm", {"format": 0, "version": "< 0.1"})
-    if meta.get("format", 0) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"the checkpoint was written by hmlstm {meta.get('version')} in checkpoint format "
-                              f"{meta.get('format')}; this is hmlstm {__version__}, which reads formats up to "
-                              f"{CHECKPOINT_FORMAT}: upgrade hmlstm to load it")
-    return meta
-
-
-# What a weights-only checkpoint keeps: enough for load_from_checkpoint, generate, boundaries, validate and test.
-_WEIGHTS_KEYS = ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, "pytorch-lightning_version", "epoch",
-                 "global_step")
-
-
-def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
-    """Write the model of a training checkpoint without its run state; returns the new file's size in bytes.
-
-    The optimizer's moments, the scheduler, the carried hidden state and the random-number state are dropped
-    (a PTB checkpoint: 102 MB -> 34 MB), so the result loads with `HMLSTMLanguageModel.load_from_checkpoint`
-    and `hmlstm generate | boundaries | validate | test`; `hmlstm fit --ckpt_path` on it raises
-    `CheckpointError` (it cannot resume training). Written atomically.
-    """
-    problem = describe_checkpoint_problem(ckpt_path)
-    if problem is not None:
-        raise CheckpointError(problem)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # as LightningCLI loads it
-    missing = [k for k in ("state_dict", pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{ckpt_path} has no {' or '.join(missing)}: not a checkpoint of HMLSTMLanguageModel")
-    out = {k: ckpt[k] for k in _WEIGHTS_KEYS if k in ckpt}
-    out[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = {
-        k: v for k, v in ckpt[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY].items() if k != "_instantiator"}
-    meta = dict(_hmlstm_meta(ckpt))
-    # no run state; the mark makes `fit --ckpt_path` on this file fail with a clear error (on_load_checkpoint)
-    meta.update(train_state=None, rng=None, weights_only=True)
-    out["hmlstm"] = meta
-    AtomicCheckpointIO().save_checkpoint(out, out_path)
-    return Path(out_path).stat().st_size
+NONFINITE_MODES = ("raise", "skip")
+LOSS_REDUCTIONS = ("mean", "sum_time")
 
 
 class HMLSTMLanguageModel(pl.LightningModule):
@@ -307,7 +186,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
     def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, probe: Optional[Tensor] = None):
         """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope (probe: see `HMLSTM.forward`)."""
         if self.net is None:
-            self._require_vocab()
+            self.require_vocab()
         if tokens.numel() and not tokens.is_floating_point():
             lo, hi = torch.stack(torch.aminmax(tokens)).tolist()
             if lo < 0 or hi >= self.net.vocab_size:
@@ -334,7 +213,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
         logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         if stage == "train" and not self._all_finite(nll):
-            where = self._first_nonfinite(state, out.rnn)
+            where = first_nonfinite(state, out.rnn, self.named_parameters())
             msg = (f"non-finite training loss ({float(nll.detach())}) at global step {self.global_step} (epoch "
                    f"{self.current_epoch}, batch {batch_idx} of the epoch): {where}")
             if self.hparams.nonfinite == "raise":
@@ -379,7 +258,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
         if probe is None or probe.grad is None:
             return
         scale = probe.shape[2] if self.hparams.get("loss_reduction", "mean") == "sum_time" else 1
-        norms = torch.linalg.vector_norm(probe.grad.flatten(1), dim=1, dtype=torch.float64).float() / scale
+        norms = boundary_grad_norms(probe.grad, scale)
         for k, v in enumerate(norms, start=1):
             self.log(f"train/dz_norm_l{k}", v, on_step=True, on_epoch=False, batch_size=1)
             self.log(f"train/dz_norm_max_l{k}", v, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
@@ -423,30 +302,6 @@ class HMLSTMLanguageModel(pl.LightningModule):
         if self._distributed:  # every process must take the same branch, or DDP's all-reduce would hang
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
-
-    def _first_nonfinite(self, state: Optional[HMLSTMState], rnn: HMLSTMOutput) -> str:
-        """Where the non-finite values started: the carried state, a layer's h or c, or past the HM-LSTM."""
-        if state is not None:
-            for name, group in (("h", state.h), ("c", state.c)):
-                for k, t in enumerate(group, start=1):
-                    if not bool(torch.isfinite(t).all()):
-                        return f"the carried state was already non-finite at the batch start (layer {k}'s {name})"
-        first = None  # (time step, layer, "h" or "c"); within a step layer 1 is computed first
-        for k, (h, c) in enumerate(zip(rnn.h, rnn.c), start=1):
-            for name, seq in (("h", h), ("c", c)):  # (B, T, H)
-                if seq.dim() != 3:  # nn.LSTM layers of the baseline return no cell sequence
-                    continue
-                bad = (~torch.isfinite(seq)).flatten(2).any(-1).any(0)  # (T,)
-                if bool(bad.any()):
-                    t = int(bad.nonzero()[0])
-                    if first is None or t < first[0]:
-                        first = (t, k, name)
-        params = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
-        where = f"; non-finite parameters: {', '.join(params[:5])}" if params else ""
-        if first is None:
-            return "every layer's h and c stayed finite: the output module or the logits overflowed" + where
-        t, k, name = first
-        return f"layer {k}'s {name} went non-finite first, at time step {t} of the batch" + where
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", batch_idx)
@@ -558,7 +413,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
         return self.all_gather(t).flatten(0, 1)  # (W, B/W, ...) -> (B, ...)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = _hmlstm_meta(checkpoint)
+        meta = hmlstm_meta(checkpoint)
         self.skipped_batches = int(meta.get("skipped_batches", 0))
         self._wall_offset = float(meta.get("wall_s", 0.0) or 0.0)
         if meta.get("weights_only") and self._trainer is not None and self.trainer.state.fn == "fit":
@@ -598,7 +453,7 @@ class HMLSTMLanguageModel(pl.LightningModule):
             problem = describe_checkpoint_problem(checkpoint_path)
             if problem is not None:
                 raise CheckpointError(problem)
-            checkpoint_path = _without_instantiator(checkpoint_path)
+            checkpoint_path = without_instantiator(checkpoint_path)
         try:
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         except (KeyError, RuntimeError) as e:
@@ -620,100 +475,23 @@ class HMLSTMLanguageModel(pl.LightningModule):
 
     # -- using a trained model ------------------------------------------------------------------------
 
-    def _require_vocab(self) -> Vocabulary:
+    def require_vocab(self) -> Vocabulary:
         if self.net is None or self.vocab is None:
             raise RuntimeError("the model has no vocabulary yet: train it or load it from a checkpoint")
         return self.vocab
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """ids -> text; byte-level models decode their bytes as UTF-8 (invalid sequences replaced)."""
-        text = self._require_vocab().decode(ids)
+        text = self.require_vocab().decode(ids)
         if self.hparams.byte_level:
             return text.encode("latin-1", "replace").decode("utf-8", "replace")
         return text
 
-    @torch.no_grad()
     def generate(self, prompt: str, length: int, temperature: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> str:
-        """Sample `length` characters (bytes, for byte-level models) after `prompt`.
+        """Sample `length` characters (bytes, for byte-level models) after `prompt` (`hmlstm.generation`)."""
+        return generation.generate(self, prompt, length, temperature, generator)
 
-        Args:
-            prompt: conditioning text (may be empty: generation then starts after a newline).
-            length: number of symbols to sample (>= 0).
-            temperature: softmax temperature (> 0); 0 takes the most likely symbol.
-            generator: random source.
-
-        Returns:
-            the sampled continuation (without the prompt).
-        """
-        vocab = self._require_vocab()
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise ValueError(f"length must be an int >= 0, got {length!r}")
-        if not temperature >= 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
-        if self.hparams.byte_level:
-            prompt = prompt.encode("utf-8").decode("latin-1")
-        prompt = prompt or ("\n" if "\n" in vocab.chars else vocab.chars[0])
-        was_training = self.training
-        self.eval()
-        try:
-            tokens = vocab.encode(prompt).to(self.device).unsqueeze(0)  # (1, P)
-            out = self(tokens)
-            logits, state = out.logits[:, -1], out.rnn.state  # (1, V)
-            ids = []
-            for _ in range(length):
-                logits = logits.float()
-                logits[:, Vocabulary.UNK] = -math.inf  # never emit the unknown symbol
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)  # (1, 1)
-                ids.append(int(nxt))
-                out = self(nxt, state)
-                logits, state = out.logits[:, -1], out.rnn.state
-        finally:
-            self.train(was_training)
-        return self.decode(ids)
-
-    @torch.no_grad()
     def boundaries(self, text: str) -> list[Tensor]:
         """The boundaries z of each layer 1..L-1 over `text`: L-1 tensors (N,) of 0/1 floats (CPU)."""
-        vocab = self._require_vocab()
-        if not text:
-            raise ValueError("text must not be empty")
-        if self.hparams.byte_level:
-            text = text.encode("utf-8").decode("latin-1")
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(vocab.encode(text).to(self.device).unsqueeze(0))
-        finally:
-            self.train(was_training)
-        return [z[0].float().cpu() for z in out.rnn.z]
-
-
-class SlopeAnnealing(pl.Callback):
-    """Sets the boundary detector's slope at the start of every training epoch:
-
-        a = min(max_slope, start + rate * epoch)        (epoch counted from 0)
-
-    Defaults: the paper's PTB schedule min(5, 1 + 0.04 epoch). `rate=0` keeps a = start throughout: the
-    step-function-only setting (text8, enwik8). The slope depends only on the epoch number, and the module
-    keeps it as a buffer, so it continues correctly when training resumes from a checkpoint.
-    """
-
-    def __init__(self, start: float = 1.0, rate: float = 0.04, max_slope: float = 5.0) -> None:
-        if not start > 0:
-            raise ValueError(f"slope start must be > 0, got {start}")
-        if rate < 0:
-            raise ValueError(f"slope rate must be >= 0, got {rate}")
-        if max_slope < start:
-            raise ValueError(f"max_slope must be >= start ({start}), got {max_slope}")
-        self.start, self.rate, self.max_slope = float(start), float(rate), float(max_slope)
-
-    def slope_at(self, epoch: int) -> float:
-        return min(self.max_slope, self.start + self.rate * epoch)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.slope.fill_(self.slope_at(trainer.current_epoch))
+        return generation.boundaries(self, text)
