@@ -4,6 +4,9 @@ The C++ extension `hmlstm._C` (csrc/) is optional. It is built when torch can be
 
     pip install torch==2.13.0 && pip install --no-build-isolation -e .
 
+A plain `pip install .` (an isolated build, which cannot see torch) installs without it; the package then
+compiles the CPU part on first use (torch.utils.cpp_extension.load, cached; HMLSTM_NO_JIT=1 turns that off).
+
 Environment flags:
     HMLSTM_SKIP_BUILD=1        build no extension at all (pure Python: reference + Triton backends)
     HMLSTM_SKIP_CUDA_BUILD=1   build the CPU part only, even where CUDA is available
@@ -95,10 +98,12 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # configs/ ships inside the package too (hmlstm.configs), so `hmlstm fit` finds its defaults anywhere.
-    packages=["hmlstm", "hmlstm.data", "hmlstm.ops", "hmlstm.ops.triton", "hmlstm.configs"],
-    package_dir={"hmlstm": "hmlstm", "hmlstm.configs": "configs"},
-    package_data={"hmlstm.configs": ["*.yaml"]},
+    # configs/ ships inside the package too (hmlstm.configs), so `hmlstm fit` finds its defaults anywhere, and
+    # so do the C++ sources (hmlstm/csrc in a wheel): an install without the extension compiles them on first
+    # use (hmlstm/ops/extension.py).
+    packages=["hmlstm", "hmlstm.data", "hmlstm.ops", "hmlstm.ops.triton", "hmlstm.configs", "hmlstm.csrc"],
+    package_dir={"hmlstm": "hmlstm", "hmlstm.configs": "configs", "hmlstm.csrc": "csrc"},
+    package_data={"hmlstm.configs": ["*.yaml"], "hmlstm.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4",
         "pytorch-lightning>=2.2",

@@ -52,7 +52,7 @@ class Size:
 
 
 def suites(device: str, ckpt: Optional[str] = None) -> dict[str, list[Size]]:
-    """The paper's PTB and text8 sizes, the sweeps of issue 5, the COPY-skipping sweep and, given a
+    """The paper's PTB and text8 sizes, the batch, hidden-size and length sweeps, the COPY-skipping sweep and, given a
     checkpoint, the trained model's own boundaries (its layer sizes; batch 64, 100 steps)."""
     trained = [] if ckpt is None else [Size(64, 100, trained_lm(ckpt).net.rnn.hidden_sizes[0],
                                             len(trained_lm(ckpt).net.rnn.hidden_sizes), ckpt=ckpt)]

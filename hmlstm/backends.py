@@ -9,6 +9,7 @@ the exact fix) and `sequence_forward` with the signature of `hmlstm.sequence.ste
 from __future__ import annotations
 
 import importlib
+import warnings
 from functools import partial
 from typing import Callable, Optional
 
@@ -32,6 +33,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "referenc
 
 
 _LOADED: dict = {}
+_WARNED: set = set()  # (device type, backend) pairs whose fallback was already announced
 
 
 def _module(name: str):
@@ -62,9 +64,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def resolve(name: str, device: torch.device) -> str:
     """The concrete backend for `name` on `device` ("auto" picks the fastest available)."""
     if name == "auto":
+        reasons = []
         for cand in _AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(cand, device) is None:
+            reason = unavailable_reason(cand, device)
+            if reason is None:
+                if reasons and cand == "reference" and (device.type, cand) not in _WARNED:
+                    _WARNED.add((device.type, cand))
+                    warnings.warn(f"hmlstm: backend='auto' runs on the {cand!r} backend on {device.type}, 2-3x slower "
+                                  f"than the fused one, because {reasons[0]}", RuntimeWarning, stacklevel=3)
                 return cand
+            reasons.append(reason)
         return "reference"
     reason = unavailable_reason(name, device)
     if reason is not None:

@@ -1,6 +1,6 @@
 """The boundary detector: hard sigmoid with slope, binarized, with a straight-through gradient.
 
-PAPER.md, eq. 9 and section 3.3:
+The paper's eq. 9 and section 3.3 (docs/spec.md):
 
     hard_sigm(x) = max(0, min(1, (a * x + 1) / 2))
     z = 1 if hard_sigm(x) > 0.5 else 0          (`step`, the default)

@@ -1,7 +1,7 @@
 """The `hmlstm` command: train, evaluate and use character-level HM-LSTMs.
 
     hmlstm fit                                   # offline default: Python docs, small CPU model (configs/default.yaml)
-    hmlstm fit --config ptb.yaml                 # PAPER.md's PTB setup (also text8.yaml, enwik8.yaml, synthetic.yaml)
+    hmlstm fit --config ptb.yaml                 # the paper's PTB setup (also text8.yaml, enwik8.yaml, synthetic.yaml)
     hmlstm fit --config ptb.yaml --ckpt_path last.ckpt      # resume, also mid-epoch, exactly
     hmlstm fit --trainer.strategy ddp --trainer.devices 2  # several GPUs (or CPU processes): streams split
     hmlstm validate --ckpt_path CKPT             # also test, predict; same data options as fit

@@ -105,7 +105,7 @@ def whitespace_run_starts(space: Tensor) -> Tensor:
 
 
 def layer_boundaries(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """The two boundaries that choose each layer's operation, as float (B, T) tensors (PAPER.md, eq. 2).
+    """The two boundaries that choose each layer's operation, as float (B, T) tensors (docs/spec.md, eq. 2).
 
     Args:
         z: L-1 tensors (B, T), the boundaries of layers 1..L-1 (`HMLSTMOutput.z`); at least one.
@@ -123,7 +123,7 @@ def layer_boundaries(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[tupl
 
 
 def operation_fractions(z: Sequence[Tensor], z_init: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-    """Fraction of UPDATE, COPY and FLUSH steps of every layer (PAPER.md, eq. 2).
+    """Fraction of UPDATE, COPY and FLUSH steps of every layer (docs/spec.md, eq. 2).
 
     Args:
         z: L-1 tensors (B, T), the boundaries of layers 1..L-1 (`HMLSTMOutput.z`).

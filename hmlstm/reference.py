@@ -1,4 +1,4 @@
-"""The reference HM-LSTM: one layer-step in plain PyTorch, written as PAPER.md writes it.
+"""The reference HM-LSTM: one layer-step in plain PyTorch, written as docs/spec.md writes it.
 
 This is the readable ground truth for values and gradients: every fused backend is tested against it.
 
@@ -13,7 +13,7 @@ the layer below, 1 for the first layer):
     UPDATE (zb = 0, zu = 1):  c = f * c_{t-1} + i * g
     COPY   (zb = 0, zu = 0):  c = c_{t-1}, h = h_{t-1}
 
-The reference writes the choice arithmetically with z as a 0/1 float (PAPER.md, "the reference
+The reference writes the choice arithmetically with z as a 0/1 float (docs/spec.md, "The
 gradient"), so the straight-through gradient reaches every boundary through every branch and every
 gated term. This dense gradient is what the fused ops must reproduce. The boundary itself is written so
 that no branch carries z_{t-1} forward as a value:
@@ -25,7 +25,7 @@ The earlier form z_t = z_{t-1} z~ + (1 - z_{t-1})(z^{l-1} z~ + (1 - z^{l-1}) z_{
 dz_t/dz_{t-1} = 1 + z~ on a COPY step, which doubles the gradient carried back along z at every COPY step
 whose boundary unit would fire (docs/spec.md, "The boundary gradient").
 
-Layer normalization (PAPER.md leaves the placement to the code). Decision: following Ba et al.'s
+Layer normalization (the paper leaves the placement to the code; docs/spec.md). Decision: following Ba et al.'s
 LN-LSTM, normalize the 4H gate pre-activations and the cell state before the tanh of h:
 
     s[:4H] = LN(U h + zb V h' + zu W x) * gamma + b[:4H],    h = o * tanh(LN(c) * gamma_c + beta_c)

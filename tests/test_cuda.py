@@ -64,7 +64,7 @@ def test_kernels_are_built():
     assert backends.resolve("auto", torch.device("cuda")) == "cuda"
 
 
-# The shape matrix of issue #3: B in {1, 3, 64}, T in {1, 7, 50}, 1 to 3 layers with unequal sizes that
+# The shape matrix of the fused backends' tests: B in {1, 3, 64}, T in {1, 7, 50}, 1 to 3 layers with unequal sizes that
 # are not multiples of 16; every boundary mode, both copy_boundary modes, LN on and off.
 MATRIX = [
     make_case(B, T, hs, boundary=bd, copy_boundary=cb, layer_norm=ln, seed=k, device="cuda")

@@ -39,7 +39,7 @@ def test_ptb_parser_inline_sample():
 def test_ptb_parser_on_shared_data():
     raw = (SHARED_PTB / "ptb.char.valid.txt").read_text()
     text = parse_ptb_char(raw)
-    # PAPER.md: 393,042 validation characters counting one newline per line
+    # the paper's data: 393,042 validation characters counting one newline per line
     assert len(text) == 393_042
     assert text.count("\n") == raw.count("\n")
     dm = PTBDataModule(data_dir=str(SHARED_PTB), download=False, batch_size=8, seq_len=20)

@@ -1,4 +1,4 @@
-"""Several processes (GitHub issue 6): `hmlstm fit --trainer.strategy ddp --trainer.devices 2` on the CPU
+"""Several processes : `hmlstm fit --trainer.strategy ddp --trainer.devices 2` on the CPU
 (gloo) gives each process its own half of the streams and ends with the weights of one process training on
 the same global batch."""
 

@@ -1,4 +1,4 @@
-"""The reference cell against PAPER.md's equations, computed independently in each test."""
+"""The reference cell against the paper's equations (docs/spec.md), computed independently in each test."""
 
 import pytest
 import torch

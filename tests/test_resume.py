@@ -1,4 +1,4 @@
-"""Interruption (GitHub issue 6): a run killed with SIGKILL in the middle of an epoch resumes from its last
+"""Interruption : a run killed with SIGKILL in the middle of an epoch resumes from its last
 checkpoint and ends exactly where an uninterrupted run ends; a kill during a checkpoint write leaves the
 previous checkpoint usable. Both kill a real subprocess."""
 

@@ -1,4 +1,4 @@
-"""Failure modes (GitHub issue 6): bad input gets a clear error, non-finite losses stop (or skip) with a
+"""Failure modes : bad input gets a clear error, non-finite losses stop (or skip) with a
 message saying where they started, gradients are clipped, runs are deterministic, mixed precision stays
 finite with the cell state in fp32."""
 

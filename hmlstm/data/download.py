@@ -38,7 +38,7 @@ def parse_ptb_char(text: str) -> str:
 
     Each line holds one sentence as space-separated characters with `_` marking a word boundary, e.g.
     " a e r _ b a n k n o t e". Returns the characters with `_` as a space and one newline per line, so
-    the length counts one newline per line (PAPER.md: 5,017,482 characters for the training split).
+    the length counts one newline per line (the paper's data: 5,017,482 characters for the training split).
     """
     lines = text.split("\n")
     if lines and lines[-1].strip() == "":

@@ -211,7 +211,7 @@ PTB_FILES = {
 
 
 class PTBDataModule(CharDataModule):
-    """Mikolov's character-level Penn Treebank (PAPER.md: vocabulary 50, Mikolov's split).
+    """Mikolov's character-level Penn Treebank (the paper: vocabulary 50, Mikolov's split).
 
     Args:
         data_dir: holds ptb.char.{train,valid,test}.txt; missing files are downloaded (simple-examples.tgz)
@@ -269,7 +269,7 @@ ENWIK8_FILE = RemoteFile("enwik8", "http://mattmahoney.net/dc/enwik8.zip", membe
 
 
 class Text8DataModule(_HutterDataModule):
-    """text8 (27 symbols: a-z and space), split 90M/5M/5M as in PAPER.md.
+    """text8 (27 symbols: a-z and space), split 90M/5M/5M as in the paper.
 
     Args:
         data_dir: holds the unzipped `text8` file (downloaded from mattmahoney.net when missing).
@@ -285,7 +285,7 @@ class Text8DataModule(_HutterDataModule):
 
 
 class Enwik8DataModule(_HutterDataModule):
-    """enwik8 read as bytes (PAPER.md: 205 byte values seen), split 90M/5M/5M.
+    """enwik8 read as bytes (the paper: 205 byte values seen), split 90M/5M/5M.
 
     Args:
         data_dir: holds the unzipped `enwik8` file (downloaded from mattmahoney.net when missing).

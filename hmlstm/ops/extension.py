@@ -2,7 +2,8 @@
 
 The op schemas are declared once in csrc/ops.cpp (`TORCH_LIBRARY(hmlstm, ...)`) and implemented per device
 (csrc/cell_cpu.cpp, csrc/seq_cpu.cpp for the CPU, csrc/cell_cuda.cu for CUDA). This module loads the
-extension (optional: without it the package runs on the other backends) and registers, in one place,
+extension (optional: without it the package runs on the other backends; an install without it compiles
+the CPU part on first use, see `_build_on_first_use`) and registers, in one place,
 the fake kernels (shapes for torch.compile and opcheck) and the autograd formula of `hmlstm::cell_fwd`.
 The C++ backend (`hmlstm.ops.cpp`, `hmlstm.ops.cpp_sequence`) and the CUDA backend (`hmlstm.ops.cuda`) both
 use it; neither imports the other.
@@ -10,6 +11,11 @@ use it; neither imports the other.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -20,12 +26,54 @@ from .common import poison_enabled
 
 BUILD_COMMAND = "pip install torch==2.13.0 && pip install --no-build-isolation -e ."
 
+# The compile flags of setup.py's build, for the build on first use. -fno-trapping-math lets GCC vectorize the
+# kernels' branch-free float exp (torch itself builds with it and -fno-math-errno).
+CXX_FLAGS = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+NO_JIT_ENV = "HMLSTM_NO_JIT"
+
+
+def _sources() -> list[Path]:
+    """The extension's C++ sources: csrc/ of a source checkout, or the copy an installed wheel ships."""
+    here = Path(__file__).resolve()
+    for folder in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        found = sorted(folder.glob("*.cpp"))
+        if found:
+            return found
+    return []
+
+
+def _build_on_first_use(why: ImportError) -> Optional[BaseException]:
+    """Compile the CPU extension with torch.utils.cpp_extension.load (cached by torch, keyed by the sources and
+    flags) when the installed package has none, e.g. after a plain `pip install .` whose isolated build could
+    not see torch. None when it loaded, else the error (the package then runs on the other backends)."""
+    if os.environ.get(NO_JIT_ENV, "0") == "1":
+        return why
+    sources = _sources()
+    compiler = os.environ.get("CXX", "c++")
+    if not sources or shutil.which(compiler) is None:
+        return why
+    from torch.utils import cpp_extension
+
+    where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+    print(f"hmlstm: building the C++ extension for torch {torch.__version__} (once, cached in {where}) ...",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        cpp_extension.load("hmlstm_C", [str(s) for s in sources], extra_cflags=CXX_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # the compiler's output is in the exception; the package still works without it
+        print(f"hmlstm: the build failed after {time.perf_counter() - t0:.0f} s: {str(e)[-500:]}", file=sys.stderr)
+        return ImportError(f"the build on first use failed ({type(e).__name__}); {why}")
+    print(f"hmlstm: built the C++ extension in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return None
+
+
 try:  # the extension is optional: without it the package runs on the other backends
     from .. import _C  # noqa: F401  (loading it registers torch.ops.hmlstm.*)
 
     IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # not built, or built against another torch (undefined symbols)
-    IMPORT_ERROR = e
+    IMPORT_ERROR = _build_on_first_use(e)
 
 HALF = (torch.float16, torch.bfloat16)
 # The differentiable inputs of cell_fwd, in its argument order (and cell_bwd's output order).

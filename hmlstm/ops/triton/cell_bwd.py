@@ -1,6 +1,6 @@
 """Backward of one HM-LSTM layer-step in Triton: the element-wise part, fused into one launch.
 
-The gradient is the reference's dense straight-through gradient (PAPER.md, "the reference gradient"):
+The gradient is the reference's dense straight-through gradient (docs/spec.md, "The gradient"):
 the autograd of
 
     c_t = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)        (h_t alike)
