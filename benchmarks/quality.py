@@ -56,9 +56,34 @@ def read_run(folder: str | Path) -> dict:
     out["rates"] = {k.split("_l")[-1]: _float(v) for k, v in last.items()
                     if k.startswith("val/boundary_rate_l") and v}
     out["f1"] = {k[len("val/"):]: _float(v) for k, v in last.items() if re.match(r"val/f1_(tol\d+_)?l\d+_", k) and v}
-    grad = [(_float(r["train/grad_norm"])) for r in rows if r.get("train/grad_norm")]
-    if grad:
-        out["grad_norm_max"] = max(grad)
+    out.update(stability(rows))
+    return out
+
+
+def stability(rows: list[dict]) -> dict:
+    """The PTB criteria of a stable run, over the logged steps after the first epoch: the largest rise of the
+    training BPC within 100 steps, and the largest gradient norm (before clipping) over the running median of
+    the norms logged before it. Both read what the run logged (every `log_every_n_steps`)."""
+    out = {}
+    steps = [(int(r["step"]), int(r["epoch"]), _float(r["train/bpc_step"]), _float(r.get("train/grad_norm", "")))
+             for r in rows if r.get("train/bpc_step")]
+    grads = [g for _, _, _, g in steps if not math.isnan(g)]
+    if grads:
+        out["grad_norm_max"] = max(grads)
+    later = [(s, b, g) for s, e, b, g in steps if e >= 1]
+    if later:
+        out["bpc_rise_100_steps"] = max(b2 - b1 for s1, b1, _ in later for s2, b2, _ in later if 0 < s2 - s1 <= 100) \
+            if len(later) > 1 else 0.0
+    ratios, seen = [], []
+    for _, _, _, g in steps:
+        if math.isnan(g):
+            continue
+        if len(seen) >= 5:
+            med = sorted(seen)[len(seen) // 2]
+            ratios.append(g / med)
+        seen.append(g)
+    if ratios:
+        out["grad_norm_over_running_median"] = max(ratios)
     return out
 
 

@@ -209,9 +209,9 @@ def _cell_ln_update_kernel(
     B, HD, eps,
     HAS_Z: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    CT = PRE.dtype.element_ty
     """Layer-norm forward of the non-COPY row blocks: gate LN, c update, cell LN, h (the pre kernel copies
     COPY blocks)."""
+    CT = PRE.dtype.element_ty
     pid_b = tl.program_id(0)
     G = 4 * HD + HAS_Z
     r = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
