@@ -101,10 +101,10 @@ def table(runs: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, r in runs.items():
         rates = ", ".join(f"{v:.3f}" for _, v in sorted(r["rates"].items())) or "-"
-        f1 = [f"{r['f1'].get(k, math.nan):.3f} ({r['f1'].get(k.replace('f1_', 'f1_tol1_'), math.nan):.3f})"
-              for k in levels]
-        lines.append(f"| {name} | {r['steps']} | {r['wall_s']:.0f} s | {r['val_bpc']:.4f} | {rates} | "
-                     + " | ".join(f1) + " |")
+        f1 = [f"{r['f1'][k]:.3f} ({r['f1'].get(k.replace('f1_', 'f1_tol1_'), math.nan):.3f})" if k in r["f1"]
+              else "-" for k in levels]
+        wall = "-" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.0f} s"
+        lines.append(f"| {name} | {r['steps']} | {wall} | {r['val_bpc']:.4f} | {rates} | " + " | ".join(f1) + " |")
     return "\n".join(lines)
 
 

@@ -87,8 +87,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             global step and the first layer whose h or c went non-finite, and at which time step) or "skip"
             (skip that batch's update, restart the carried state, count it in `train/skipped_batches`).
         cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
-            embedding, output module and training; it refuses the HM-only options (boundary, copy_boundary,
-            boundary_norm_cap, boundary_bias).
+            embedding, output module and training; it refuses the HM-only options boundary, copy_boundary and
+            boundary_norm_cap, and warns that boundary_bias (which default.yaml sets) is unused.
         loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
             summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
             meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
@@ -130,13 +130,15 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             raise ValueError(f"boundary_norm_cap must be > 0 or None (the authors' code: 1.9365), got {boundary_norm_cap}")
         if not 0 <= adam_beta2 < 1 or weight_decay < 0:
             raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
-        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
-                   "boundary_bias": boundary_bias}
+        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap}
         given = [k for k, v in hm_only.items() if v is not None]
         if cell == "lstm" and given:
             raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
                              f"{'applies' if len(given) == 1 else 'apply'} to cell='hmlstm' only; drop "
                              f"{'it' if len(given) == 1 else 'them'}")
+        if cell == "lstm" and boundary_bias is not None:
+            # an initialization of units the LSTM does not have (default.yaml sets it for the HM-LSTM): said, not fatal
+            rank_zero_warn(f"boundary_bias={boundary_bias} is unused: cell='lstm' has no boundary units")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < lr_factor < 1:

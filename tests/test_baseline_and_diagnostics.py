@@ -201,6 +201,8 @@ def test_lstm_baseline_refuses_hm_only_options(tmp_path, monkeypatch):
         HMLSTMLanguageModel(**(TINY | {"backend": "auto"}), cell="lstm", boundary="step", copy_boundary="hold")
     with pytest.raises(ValueError, match="boundary_norm_cap applies"):
         HMLSTMLanguageModel(cell="lstm", boundary_norm_cap=1.9)
+    with pytest.warns(UserWarning, match="boundary_bias=0.5 is unused"):
+        HMLSTMLanguageModel(cell="lstm", boundary_bias=0.5)
     with pytest.raises(SystemExit, match="copy_boundary"):
         hmlstm_main(["fit", "--model.cell", "lstm", "--model.copy_boundary", "recompute", "--trainer.max_epochs",
                      "0", "--trainer.logger", "false"])

@@ -48,13 +48,15 @@ def _wheel_venv(tmp_path) -> Path:
     import subprocess
     import sys
 
-    env = dict(os.environ, HMLSTM_SKIP_BUILD="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # it would put a checkout ahead of the wheel
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "whl"), str(ROOT)], check=True, env=env, cwd=tmp_path)
+                    str(tmp_path / "whl"), str(ROOT)], check=True, env=dict(env, HMLSTM_SKIP_BUILD="1"), cwd=tmp_path)
     wheel = next((tmp_path / "whl").glob("hmlstm-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")], check=True)
     python = tmp_path / "venv" / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True)
+    # --ignore-installed: the venv sees this environment's (editable) hmlstm, which pip would call satisfied
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+                   check=True, env=env, cwd=tmp_path)
     return python
 
 
@@ -85,7 +87,8 @@ def test_a_wheel_without_the_extension_builds_it_on_first_use_or_warns(tmp_path)
     venv = str(tmp_path / "venv")
     code = USE.format(venv=venv)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    env.pop("HMLSTM_NO_JIT", None)
+    for var in ("HMLSTM_NO_JIT", "PYTHONPATH"):  # PYTHONPATH would put a checkout ahead of the wheel
+        env.pop(var, None)
     built = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-3000:]
     assert "hmlstm: building the C++ extension" in built.stderr and "built the C++ extension in" in built.stderr
