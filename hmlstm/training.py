@@ -171,7 +171,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             options.update(boundary=hp.boundary or "step", copy_boundary=hp.copy_boundary or "hold")
         self.net = CharLM(len(vocab), tuple(hp.hidden_sizes), embed_size=hp.embed_size, output_size=hp.output_size,
                           cell=cell, **options)
-        if hp.get("boundary_bias") is not None:
+        if cell == "hmlstm" and hp.get("boundary_bias") is not None:
             with torch.no_grad():
                 for layer in self.net.rnn.layers:
                     if layer.has_boundary:

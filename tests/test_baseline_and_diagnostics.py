@@ -202,7 +202,9 @@ def test_lstm_baseline_refuses_hm_only_options(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="boundary_norm_cap applies"):
         HMLSTMLanguageModel(cell="lstm", boundary_norm_cap=1.9)
     with pytest.warns(UserWarning, match="boundary_bias=0.5 is unused"):
-        HMLSTMLanguageModel(cell="lstm", boundary_bias=0.5)
+        lstm = HMLSTMLanguageModel(**(TINY | {"backend": "auto"}), cell="lstm", boundary_bias=0.5)
+    lstm._build(tiny_data().vocab)  # builds (default.yaml sets boundary_bias for the HM-LSTM)
+    assert isinstance(lstm.net.rnn, StackedLSTM)
     with pytest.raises(SystemExit, match="copy_boundary"):
         hmlstm_main(["fit", "--model.cell", "lstm", "--model.copy_boundary", "recompute", "--trainer.max_epochs",
                      "0", "--trainer.logger", "false"])
