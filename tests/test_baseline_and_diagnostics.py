@@ -3,46 +3,25 @@ options measured for issue "the model must learn its hierarchy" (loss reduction,
 
 import csv
 import math
-import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from hmlstm import HMLSTM
 from hmlstm.cli import main as hmlstm_main
-from hmlstm.data import SyntheticDataModule
 from hmlstm.lstm import StackedLSTM
 from hmlstm.training import HMLSTMLanguageModel
 
+from test_training import one_thread, tiny_data, trainer  # noqa: F401  (one_thread: an autouse fixture)
+
 TINY = dict(hidden_sizes=(8, 8, 6), embed_size=8, output_size=16, layer_norm=False, backend="reference")
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_data(**kw) -> SyntheticDataModule:
-    return SyntheticDataModule(**(dict(seed=0, train_chars=1200, val_chars=400, test_chars=400, batch_size=3,
-                                       seq_len=8) | kw))
-
-
-def trainer(tmp_path, **kw) -> pl.Trainer:
-    args = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=2, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path), gradient_clip_val=1.0)
-    return pl.Trainer(**(args | kw))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_probe_gradient_is_the_whole_gradient_reaching_each_boundary(backend):
     """HMLSTM.forward(probe=...): probe.grad = dL/dz_t^l through every use of z (its own next step and the layer
-    above), equal across backends; checked against finite differences of a soft-boundary model."""
+    above), equal across backends (finite differences check it in the next test)."""
     if backend == "cpp":
         from hmlstm.ops import cpp
 
