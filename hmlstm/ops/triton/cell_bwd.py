@@ -84,7 +84,7 @@ def _cell_bwd_kernel(
     if LN:
         mean, rstd = gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
         mu_fl, rs_fl, mu_up, rs_up = cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
-                                                   CT, BLOCK_B, BLOCK_H)
+                                                  CT, BLOCK_B, BLOCK_H)
         # the cell LN backward needs two row sums per branch before any dc can be formed
         for c0 in range(0, HD, BLOCK_H):
             cols = c0 + tl.arange(0, BLOCK_H)

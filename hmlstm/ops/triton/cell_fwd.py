@@ -223,7 +223,7 @@ def _cell_ln_update_kernel(
         zu = tl.load(ZU + rows, mask=rmask, other=0.0).to(CT)[:, None]
         mean, rstd = gate_moments(PRE, rows, rmask, HD, G, eps, CT, BLOCK_B, BLOCK_H)
         mu_fl, rs_fl, mu_up, rs_up = cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
-                                                   CT, BLOCK_B, BLOCK_H)
+                                                  CT, BLOCK_B, BLOCK_H)
         for c0 in range(0, HD, BLOCK_H):
             cols = c0 + tl.arange(0, BLOCK_H)
             cmask = cols < HD

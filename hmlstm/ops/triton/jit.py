@@ -91,7 +91,7 @@ def gate_moments(PRE, rows, rmask, HD, G, eps, CT: tl.constexpr, BLOCK_B: tl.con
 
 @triton.jit
 def cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
-                  CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+                 CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """Mean and 1/std over H of both candidate cells, c_flush = i g and c_update = f c + i g."""
     s_fl = tl.zeros([BLOCK_B], dtype=CT)
     s_up = tl.zeros([BLOCK_B], dtype=CT)
