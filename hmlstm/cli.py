@@ -30,7 +30,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningCLI
 
 from .data import CharDataModule
-from .metrics import boundary_f1, word_boundaries
+from .metrics import TOLERANCES, BoundaryCounter, word_boundaries
 from .training import (AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing,
                        export_weights)
 
@@ -173,7 +173,9 @@ def boundaries_main(argv: Sequence[str]) -> None:
     src.add_argument("--text_file", help="read the text from this file instead")
     p.add_argument("--out", default="boundaries.png", help="image file to write (.png, .pdf, .svg)")
     p.add_argument("--width", type=int, default=64, help="characters per row of the figure")
-    p.add_argument("--tolerance", type=int, default=0, help="count a boundary within this many positions as a hit")
+    p.add_argument("--tolerance", type=int, nargs="+", default=list(TOLERANCES),
+                   help="count a boundary within this many positions as a hit, one-to-one (default: 0, the headline, "
+                        "and 1 beside it)")
     p.add_argument("--backend", default=None, help="override the model's backend")
     a = p.parse_args(argv)
     text = a.text if a.text is not None else Path(a.text_file).read_text(encoding="utf-8")
@@ -189,10 +191,16 @@ def boundaries_main(argv: Sequence[str]) -> None:
     plot_boundaries(text, zs, a.out, true=true, width=a.width,
                     title=f"HM-LSTM boundaries ({Path(a.ckpt_path).name}, slope {float(model.slope):.2f})")
     print(f"{len(text)} characters, {int(true.sum())} word boundaries; figure: {a.out}")
+    if any(t < 0 for t in a.tolerance):
+        p.error(f"--tolerance must be >= 0, got {a.tolerance}")
+    counter = BoundaryCounter(a.tolerance)  # the same counts as the training logs (hmlstm.metrics)
     for k, z in enumerate(zs, start=1):
-        s = boundary_f1(z > 0.5, true, tolerance=a.tolerance)
-        print(f"layer {k}: boundary rate {float(z.mean()):.3f}  precision {s.precision:.3f}  recall {s.recall:.3f}  "
-              f"F1 {s.f1:.3f}  (vs word boundaries, tolerance {a.tolerance})")
+        counter.add(k, "word", z > 0.5, true)
+    scores = counter.scores()
+    for k, z in enumerate(zs, start=1):
+        parts = [f"tolerance {t}: precision {scores[(k, 'word', t)].precision:.3f}  recall "
+                 f"{scores[(k, 'word', t)].recall:.3f}  F1 {scores[(k, 'word', t)].f1:.3f}" for t in a.tolerance]
+        print(f"layer {k}: boundary rate {float(z.mean()):.3f}  vs word boundaries, " + ";  ".join(parts))
     if not zs:
         print("the model has a single layer: no boundary detector")
 

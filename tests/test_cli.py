@@ -83,6 +83,7 @@ def test_cli_fit_validate_generate_boundaries(tmp_path):
     out = hmlstm(["boundaries", "--ckpt_path", str(ckpt), "--text", "the cat sat on the mat", "--out", str(png)],
                  tmp_path)
     assert "layer 1" in out and "F1" in out
+    assert "tolerance 0:" in out and "tolerance 1:" in out  # the headline and the one beside it
     import matplotlib.image
 
     image = matplotlib.image.imread(png)
