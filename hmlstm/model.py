@@ -220,9 +220,11 @@ class HMLSTM(nn.Module):
         if isinstance(slope, Tensor):
             if slope.numel() != 1:
                 raise ValueError(f"slope must be a float or a 1-element tensor, got shape {tuple(slope.shape)}")
-            if not bool(slope.detach().reshape(()) > 0):
-                raise ValueError(f"slope must be > 0, got {slope.item()}")
-            return slope.detach().reshape(()).to(device=x.device, dtype=x.dtype)
+            s = slope.detach().reshape(())
+            # checked where reading it is free: on a GPU the read would synchronise every training step
+            if s.device.type == "cpu" and not bool(s > 0):
+                raise ValueError(f"slope must be > 0, got {s.item()}")
+            return s.to(device=x.device, dtype=x.dtype)
         if isinstance(slope, bool) or not isinstance(slope, (int, float)):
             raise TypeError(f"slope must be a float > 0 or a 1-element tensor, got {type(slope).__name__}")
         if not slope > 0 or not math.isfinite(slope):

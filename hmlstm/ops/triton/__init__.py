@@ -5,5 +5,6 @@
 """
 
 from .op import fused_cell_step, unavailable_reason
+from .seq_op import sequence_forward
 
-__all__ = ["fused_cell_step", "unavailable_reason"]
+__all__ = ["fused_cell_step", "sequence_forward", "unavailable_reason"]
