@@ -18,15 +18,15 @@ from test_training import one_thread, tiny_data, trainer  # noqa: F401  (one_thr
 TINY = dict(hidden_sizes=(8, 8, 6), embed_size=8, output_size=16, layer_norm=False, backend="reference")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_probe_gradient_is_the_whole_gradient_reaching_each_boundary(backend):
     """HMLSTM.forward(probe=...): probe.grad = dL/dz_t^l through every use of z (its own next step and the layer
     above), equal across backends (finite differences check it in the next test)."""
-    if backend == "cpp":
-        from hmlstm.ops import cpp
+    from hmlstm.backends import unavailable_reason
 
-        if cpp.unavailable_reason("cpu") is not None:
-            pytest.skip("the C++ extension is not built")
+    reason = unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:  # cpp: the extension is not built; triton: not installed
+        pytest.skip(reason)
     torch.manual_seed(0)
     model = HMLSTM(5, (7, 6, 4), backend="reference").double()
     x = torch.randn(3, 9, 5, dtype=torch.float64)

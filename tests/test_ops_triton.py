@@ -1,9 +1,11 @@
 """The Triton backend against the reference: every output and every gradient, NaN-poisoned outputs.
 
+The backend runs whole sequences (hmlstm::triton_seq_fwd / triton_seq_bwd, hmlstm/ops/triton/seq_op.py).
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1):
 correct but slow, so the CPU cases are small. The full matrix (B up to 64, T up to 50), bf16, the
-complete opcheck (with the AOT-dispatch checks that cannot trace interpreted kernels) and
-torch.compile run where CUDA is present.
+complete opcheck (with the AOT-dispatch checks that cannot trace interpreted kernels) and inductor's
+compilation run where CUDA is present. Launch and synchronisation budgets: test_triton_launches.py; sm_90
+compilation: test_triton_aot.py.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import itertools
 import pytest
 import torch
 
-from harness import assert_bf16_within_2x, assert_matches_reference, case_id, make_case, random_step, rel_err
-from hmlstm import HMLSTM, CellConfig, naive_cell_step
+from harness import assert_bf16_within_2x, assert_matches_reference, case_id, make_case, rel_err
+from hmlstm import HMLSTM
 from hmlstm.backends import unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +47,8 @@ SHAPE_CASES = [
     make_case(3, 7, (16, 20, 12), copy_boundary="recompute", device=DEVICE),
     make_case(3, 1, (5, 7), layer_norm=True, boundary="soft", device=DEVICE),
     make_case(20, 2, (70, 33), layer_norm=True, copy_boundary="recompute", device=DEVICE),  # > 1 block per dim
+    make_case(3, 5, (16, 20, 12, 8), layer_norm=True, device=DEVICE),  # two layers in a phase of either parity
+    make_case(3, 4, (12, 40, 9, 20), copy_boundary="recompute", boundary="sample", device=DEVICE),
 ]
 
 
@@ -64,34 +68,55 @@ def test_matches_reference_fp32(case):
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
 @pytest.mark.parametrize("copy_boundary", ["hold", "recompute"])
 @pytest.mark.parametrize("boundary", ["step", "sample", "soft"])
-def test_step_boundary_gradients_on_copy_rows(boundary, copy_boundary, layer_norm):
-    """One layer-step with FLUSH, UPDATE and COPY rows, every input's gradient, against naive_cell_step. The
-    slope puts the COPY rows' boundary units inside the straight-through window, so under "recompute" their
-    z gradient reaches z_{t-1} and z^{l-1} through (V h^{l+1})[4H] and (W x)[4H] (docs/spec.md, the boundary
-    rule): the forced patterns of the model cases zero those rows and saturate the bias."""
-    from hmlstm.ops.triton import fused_cell_step
-
-    inputs = random_step(5, layer_norm=layer_norm, device=DEVICE)
-    p, H = inputs["p"], inputs["h"].shape[1]
-    copy = (inputs["z"] == 0) & (inputs["z_below"] == 0)
-    s_copy = inputs["h"] @ p.U[4 * H] + p.b[4 * H]
-    slope = 0.5 / s_copy[copy].abs().max()
-    noise = torch.rand(inputs["h"].shape[0], generator=torch.Generator().manual_seed(2),
-                       dtype=torch.float64).to(DEVICE) if boundary == "sample" else None
-    cfg = CellConfig(boundary=boundary, copy_boundary=copy_boundary, layer_norm=layer_norm)
-    names = ["x", "z_below", "h", "c", "z", "h_above"]
+def test_boundary_gradients_on_copy_rows(boundary, copy_boundary, layer_norm):
+    """Layer 2's first step with FLUSH, UPDATE and COPY rows (every (z_{t-1}, z^{l-1}) pair, set through the
+    initial state and layer 1's boundary), every output and gradient, and dL/dz (the probe), against the
+    reference. The slope puts the COPY rows' boundary units inside the straight-through window, so under
+    "recompute" their z gradient reaches z_{t-1} and z^{l-1} through (V h^{l+1})[4H] and (W x)[4H]
+    (docs/spec.md, the boundary rule): the forced patterns of the model cases zero those rows."""
+    hs = (16, 20, 12)
+    case = make_case(6, 2, hs, boundary=boundary, copy_boundary=copy_boundary, layer_norm=layer_norm,
+                     device=DEVICE)
+    sd = dict(case.state_dict)
+    row = 4 * hs[0]
+    # layer 1 fires where x[:, :, 0] > 0 (and, with slope >= 1/4, saturates: |4 x| >= 2)
+    for k in ("layers.0.weight_ih", "layers.0.weight_hh", "layers.0.weight_td"):
+        sd[k] = sd[k].clone()
+        sd[k][row] = 0.0
+    sd["layers.0.weight_ih"][row, 0] = 4.0
+    sd["layers.0.bias"] = sd["layers.0.bias"].clone()
+    sd["layers.0.bias"][row] = 0.0
+    zu = torch.tensor([1.0, 1, 0, 0, 0, 1], dtype=torch.float64, device=DEVICE)
+    zb = torch.tensor([1.0, 0, 0, 1, 0, 0], dtype=torch.float64, device=DEVICE)
+    x = case.x.clone()
+    x[:, :, 0] = (0.5 + x[:, :, 0].abs()) * (2 * zu - 1)[:, None]
+    copy = (zb == 0) & (zu == 0)
+    h0 = case.state.h[1]
+    s_copy = h0 @ sd["layers.1.weight_hh"][4 * hs[1]] + sd["layers.1.bias"][4 * hs[1]]
+    slope = float(0.5 / s_copy[copy].abs().max())
+    state = type(case.state)(case.state.h, case.state.c, (case.state.z[0], zb))
     results = []
-    for step in (naive_cell_step, fused_cell_step):
-        leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in names}
-        q = type(p)(*(t.detach().clone().requires_grad_(True) if t is not None else None for t in p))
-        outs = step(*leaves.values(), q, slope, noise, cfg)
+    for backend in ("reference", "triton"):
+        model = HMLSTM(case.input_size, hs, boundary=boundary, copy_boundary=copy_boundary, layer_norm=layer_norm,
+                       backend=backend).to(device=DEVICE, dtype=torch.float64)
+        model.load_state_dict(sd)
+        leaves = [x.clone().requires_grad_(True)] + [t.clone().requires_grad_(True) for grp in state for t in grp]
+        st = type(state)(tuple(leaves[1:4]), tuple(leaves[4:7]), tuple(leaves[7:]))
+        probe = torch.zeros(2, 6, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        gen = torch.Generator(device=DEVICE).manual_seed(3)
+        out = model(leaves[0], state=st, slope=slope, generator=gen, probe=probe)
+        outs = [*out.h, *out.c, *out.z, *out.state.h, *out.state.c, *out.state.z]
         g = torch.Generator().manual_seed(1)
         loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype).to(DEVICE)).sum() for t in outs)
-        grads = torch.autograd.grad(loss, list(leaves.values()) + [t for t in q if t is not None])
-        results.append(dict(zip(["h", "c", "z"], outs)) | {f"grad_{n}": gr for n, gr in zip(names, grads)}
-                       | {f"grad_p{k}": gr for k, gr in enumerate(grads[len(names):])})
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, leaves + params + [probe])
+        results.append({f"out{k}": t.detach() for k, t in enumerate(outs)} | {f"grad{k}": t for k, t in enumerate(grads)}
+                       | {"z1": out.z[0].detach(), "dz_below": grads[-1][0, :, 0], "dz_prev": grads[len(leaves) - 1]})
     ref, got = results
-    assert bool((ref["grad_z"][copy] != 0).all()) and bool((ref["grad_z_below"][copy] != 0).all())
+    assert torch.equal(ref["z1"][:, 0], zu)  # layer 1 fired where it was set to
+    # dL/dz^1_0 (the probe: layer 2's z^{l-1} at t = 0) and dL/dz0 of layer 2 (its z_{t-1} at t = 0)
+    dz_below, dz_prev = ref["dz_below"], ref["dz_prev"]
+    assert bool((dz_prev[copy] != 0).all()) and bool((dz_below[copy] != 0).all())
     bad = {k: rel_err(got[k], ref[k]) for k in ref if rel_err(got[k], ref[k]) > 1e-10}
     assert not bad, bad
 
@@ -145,19 +170,18 @@ def test_bf16_close_to_fp32():
 
 # -- the ops themselves ---------------------------------------------------------------------------------------
 
-def _op_inputs(layer_norm: bool, copy_boundary: str, dtype=torch.float64):
-    g = torch.Generator().manual_seed(3)
-    B, I, H, Ha = 3, 6, 16, 5
-    G = 4 * H + 1
-
-    def r(*shape, offset=0.0):
-        return (torch.randn(*shape, generator=g, dtype=dtype) * 0.5 + offset).to(DEVICE).requires_grad_()
-
-    ln = (r(4 * H, offset=1.0), r(H, offset=1.0), r(H)) if layer_norm else (None, None, None)
-    z_below = torch.tensor([1.0, 0.0, 1.0], dtype=dtype, device=DEVICE).requires_grad_()
-    z = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=DEVICE).requires_grad_()
-    return [r(B, I), z_below, r(B, H), r(B, H), z, r(B, Ha), r(G, I), r(G, H), r(G, Ha), r(G), *ln,
-            torch.tensor(1.3, dtype=dtype, device=DEVICE), None, "step", copy_boundary, True, True]
+def _seq_args(layer_norm: bool, recompute: bool, need_grad: bool = True):
+    """The arguments of hmlstm::triton_seq_fwd for a small 3-layer model with random weights and state."""
+    case = make_case(3, 3, (16, 20, 12), layer_norm=layer_norm, copy_boundary="recompute" if recompute else "hold",
+                     device=DEVICE)
+    model = HMLSTM(case.input_size, case.hidden_sizes, layer_norm=layer_norm).double()
+    model.load_state_dict(case.state_dict)
+    wall = torch.cat([w.reshape(-1) for layer in model.layers for w in layer.params() if w is not None]).detach()
+    req = lambda t: t.detach().clone().to(DEVICE).requires_grad_(need_grad)  # noqa: E731
+    sizes = [case.input_size, *case.hidden_sizes]
+    return [req(case.x), [req(t) for t in case.state.h], [req(t) for t in case.state.c],
+            [req(t) for t in case.state.z], req(wall), torch.tensor(case.slope, dtype=torch.float64, device=DEVICE),
+            None, None, sizes, 0, recompute, layer_norm, need_grad]
 
 
 # The interpreter's kernels cannot be traced (wrap_triton returns them as plain callables), so the
@@ -171,19 +195,48 @@ def _opcheck(op, args):
 
 
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
-@pytest.mark.parametrize("copy_boundary", ["hold", "recompute"])
-def test_opcheck_fwd(layer_norm, copy_boundary):
-    _opcheck(torch.ops.hmlstm.triton_cell_fwd.default, _op_inputs(layer_norm, copy_boundary))
+@pytest.mark.parametrize("recompute", [False, True], ids=["hold", "recompute"])
+def test_opcheck_seq_fwd(layer_norm, recompute):
+    _opcheck(torch.ops.hmlstm.triton_seq_fwd.default, _seq_args(layer_norm, recompute))
 
 
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
-def test_opcheck_bwd(layer_norm):
-    args = _op_inputs(layer_norm, "recompute")
-    h, c, z, pre = torch.ops.hmlstm.triton_cell_fwd(*args)
-    tensors = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:15]]
-    grads = [torch.randn_like(h), torch.randn_like(c), torch.randn_like(z)]
-    _opcheck(torch.ops.hmlstm.triton_cell_bwd.default,
-             tensors + [pre.detach()] + grads + ["step", "recompute", True])
+def test_opcheck_seq_bwd(layer_norm):
+    args = _seq_args(layer_norm, True)
+    HS, CS, ZS, PRE = torch.ops.hmlstm.triton_seq_fwd(*args)
+    g = torch.Generator().manual_seed(4)
+    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(DEVICE) for t in (HS, CS, ZS)]
+    x, _, _, _, wall, slope, noise = args[:7]
+    _opcheck(torch.ops.hmlstm.triton_seq_bwd.default,
+             [x.detach(), wall.detach(), slope, noise, HS.detach(), CS.detach(), ZS.detach(), PRE.detach(), *grads,
+              args[8], 0, True, layer_norm])
+
+
+def test_inference_call_refuses_backward():
+    args = _seq_args(False, True, need_grad=False)
+    for t in [args[0], *args[1], *args[2], *args[3], args[4]]:
+        t.requires_grad_(True)
+    HS, _, _, _ = torch.ops.hmlstm.triton_seq_fwd(*args)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        HS.sum().backward()
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
+def test_compile_fullgraph_whole_module(layer_norm):
+    """torch.compile(fullgraph=True) of the whole module forward has no graph break. On the CPU the kernels are
+    the interpreter's, which torch.compile cannot trace into, so the graph is checked with the "eager"
+    backend; on a GPU inductor compiles it and the values must match eager."""
+    case = make_case(3, 3, (16, 20, 12), layer_norm=layer_norm, copy_boundary="recompute", dtype=torch.float32,
+                     device=DEVICE)
+    model = HMLSTM(case.input_size, case.hidden_sizes, layer_norm=layer_norm, copy_boundary="recompute",
+                   backend="triton").to(device=DEVICE, dtype=torch.float32)
+    model.load_state_dict(case.state_dict)
+    eager = model(case.x, state=case.state, slope=case.slope)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "eager")
+    out = compiled(case.x, state=case.state, slope=case.slope)
+    for a, b in zip(out.h + out.c + out.z, eager.h + eager.c + eager.z):
+        torch.testing.assert_close(a, b)
 
 
 def test_unavailable_reason_names_the_fix():
@@ -219,28 +272,3 @@ def test_gpu_matches_reference(case):
 ] if torch.cuda.is_available() else []) or [None])
 def test_gpu_bf16(case):
     assert_bf16_within_2x("triton", case)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
-def test_compile_fullgraph_matches_eager(layer_norm):
-    """torch.compile traces through the ops (triton_op + wrap_triton) without a graph break."""
-    from hmlstm.ops.triton import fused_cell_step
-
-    case = make_case(5, 1, (24, 20), layer_norm=layer_norm, copy_boundary="recompute", dtype=torch.float32,
-                     device="cuda")
-    model = HMLSTM(case.input_size, case.hidden_sizes, layer_norm=layer_norm, copy_boundary="recompute",
-                   backend="triton").to(device="cuda", dtype=torch.float32)
-    model.load_state_dict(case.state_dict)
-    p, cfg = model.layers[0].params(), model.cfgs[0]
-    slope = torch.tensor(case.slope, device="cuda")
-    ones = torch.ones(case.B, device="cuda")
-
-    def step(x, h, c, z, h_above):
-        return fused_cell_step(x, ones, h, c, z, h_above, p, slope, None, cfg)
-
-    args = (case.x[:, 0], case.state.h[0], case.state.c[0], case.state.z[0], case.state.h[1])
-    eager = step(*args)
-    compiled = torch.compile(step, fullgraph=True)(*args)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b)

@@ -1,7 +1,7 @@
 """The @triton.jit helpers that the forward and backward kernels share: gate non-linearities, the boundary
 and its straight-through derivative, and the layer-norm passes over a row of pre-activations.
 
-Public names on purpose: cell_fwd.py and cell_bwd.py both import them from here.
+Public names on purpose: seq_fwd.py and seq_bwd.py both import them from here.
 """
 
 from __future__ import annotations

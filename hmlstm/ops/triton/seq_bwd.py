@@ -1,7 +1,7 @@
 """Backward of a whole HM-LSTM sequence in Triton: two kernels per wavefront phase, phases in reverse.
 
 The gradient is the reference's dense straight-through gradient (docs/spec.md, "The gradient"), as in
-cell_bwd.py. Layer-step (l, t) sends gradients to h_{t-1}^l, c_{t-1}^l, z_{t-1}^l (itself at t-1),
+`hmlstm.reference`. Layer-step (l, t) sends gradients to h_{t-1}^l, c_{t-1}^l, z_{t-1}^l (itself at t-1),
 h_t^{l-1}, z_t^{l-1} (the layer below, same step) and h_{t-1}^{l+1} (the layer above): all of them belong to
 layer-steps of earlier phases, so when phase p runs, every gradient reaching its layer-steps is complete.
 Each of those gradients has its own buffer, written by exactly one layer-step, so no two programs ever add
@@ -18,7 +18,7 @@ into the same element (no atomics, a deterministic result):
 Per phase the launcher issues:
 
 1. `_seq_grad_kernel`, grid (slots, row blocks): sums the pieces into dh_t, dc_t, dz_t of its layer-steps and
-   runs the element-wise backward of cell_bwd.py on them (gates recomputed from the saved pre-activations):
+   runs the element-wise backward of the cell on them (gates recomputed from the saved pre-activations):
    dpre (kept for all steps: the weight gradients are one GEMM each after the loop), dc_{t-1}, the direct
    part of dh_{t-1}, the element-wise boundary parts, and with layer norm the per-row LN gradient terms.
 2. `_seq_prod_kernel`, grid (3 x slots, row blocks, column blocks): the three products dpre U, dpre W, dpre V

@@ -30,11 +30,11 @@ import triton.language as tl
 
 from .jit import boundary, cell_moments, gate_moments, load_gates, sigmoid, tanh
 
-# META columns (one int64 row per layer); seq_op.META_COLUMNS holds the same names in the same order
-M_I, M_H, M_HA, M_G, M_HASZ = 0, 1, 2, 3, 4
-M_W, M_U, M_V, M_B, M_LNG, M_LNCW, M_LNCB = 5, 6, 7, 8, 9, 10, 11
-M_OH, M_OC, M_OZ, M_OPRE, M_ODY, M_ODC = 12, 13, 14, 15, 16, 17
+# META columns (one int64 row per layer); seq_op.META_COLUMNS holds the same names in the same order.
+# tl.constexpr: a @triton.jit function may read a module global only if it is one.
 NF = 18
+(M_I, M_H, M_HA, M_G, M_HASZ, M_W, M_U, M_V, M_B, M_LNG, M_LNCW, M_LNCB,
+ M_OH, M_OC, M_OZ, M_OPRE, M_ODY, M_ODC) = (tl.constexpr(k) for k in range(NF))
 
 
 @triton.jit

@@ -32,7 +32,6 @@ accumulation), fp32 gate arithmetic, an fp32 cell state and fp32 saved pre-activ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +42,7 @@ from torch.library import triton_op
 from ...state import HMLSTMOutput, HMLSTMState
 from ...types import BOUNDARY_CODES, LN_EPS, CellConfig, LayerParams
 from ..common import new_empty
-from .op import _compute_dtype, _interpreted, _launch, _pow2, triton
+from .runtime import _compute_dtype, _interpreted, _launch, _pow2, triton
 from . import seq_bwd, seq_fwd
 
 META_COLUMNS = ("I", "H", "HA", "G", "has_z", "W", "U", "V", "b", "ln_gates", "ln_cell_w", "ln_cell_b",
@@ -77,8 +76,9 @@ class Layout:
         return self.rows[l][META_COLUMNS.index(name)]
 
 
-@lru_cache(maxsize=256)
 def layout(sizes: tuple[int, ...], T: int, B: int, layer_norm: bool, save: bool) -> Layout:
+    """The layout of a call with input size sizes[0] and layer sizes sizes[1:] (a few host integer operations
+    per layer: not cached, so torch.compile traces it as plain Python)."""
     L = len(sizes) - 1
     rows = []
     w = hs = zs = pre = dy = dc = 0
@@ -127,31 +127,37 @@ def _meta_tensor(lay: Layout, like: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class _Blocks:
-    B: int
-    H: int
-    K: int
-    N: int
+    B: int  # rows of a tile
+    H: int  # columns of a gate tile (pre kernel)
+    K: int  # reduction step of the dots
+    N: int  # columns of a backward product tile
+    EH: int  # columns of the element-wise kernels' tiles (update, grad)
     ncb: int  # column blocks of the backward products: the partial-sum slots per (layer, step)
+    warps: int  # of the backward products
+    warps_pre: int  # of the pre kernel: 8 in fp32 (4 spills), 4 in bf16 (8 spills)
+    warps_upd: int  # of the update kernel
     stages: int
     dot_f32: bool
     prec: str
 
 
 def _blocks(lay: Layout, dtype: torch.dtype) -> _Blocks:
-    """Tile sizes for every layer of the call. fp64 tiles are halved and unpipelined (num_stages=1) so that
-    shared memory fits an H100's 227 KB (tests/test_triton_aot.py checks every configuration)."""
+    """Tile sizes for every layer of the call, chosen so that no kernel spills registers or overflows an
+    H100's 227 KB of shared memory at the PTB and text8 sizes (benchmarks/aot_sm90.py compiles every
+    configuration for sm_90; tests/test_triton_aot.py runs it). The pre kernel holds four gate accumulators
+    and four weight tiles at once: 16 x 32 tiles and a 32-wide reduction step keep them in registers; the
+    element-wise kernels keep a dozen tiles live, over 8 warps.
+    fp64 halves the tiles and does not pipeline (num_stages=1)."""
     hmax = max(lay.sizes[1:])
-    kmax = max(lay.sizes)
     wide = dtype != torch.float64
-    hi = 64 if wide else 32
-    nmax = hmax  # the backward products are H_l (U), H_{l-1} (W) and H_{l+1} (V) wide
-    bn = _pow2(nmax, 16, hi)
     interp = _interpreted()
     dot_f32 = interp or dtype in (torch.float32, torch.float64)
     allow_tf32 = dtype == torch.float32 and not interp and torch.backends.cuda.matmul.allow_tf32
-    return _Blocks(B=_pow2(lay.B, 16, 32 if wide else 16), H=_pow2(hmax, 16, hi), K=_pow2(kmax, 16, hi), N=bn,
-                   ncb=triton.cdiv(nmax, bn), stages=1 if not wide else 2, dot_f32=dot_f32,
-                   prec="tf32" if allow_tf32 else "ieee")
+    n = _pow2(hmax, 16, 64 if wide else 32)  # the backward products are H_l, H_{l-1} and H_{l+1} wide
+    return _Blocks(B=16, H=_pow2(hmax, 16, 32 if wide else 16), K=_pow2(max(lay.sizes), 16, 32 if wide else 16),
+                   N=n, EH=_pow2(hmax, 8, 32 if wide else 8), ncb=triton.cdiv(hmax, n), warps=8,
+                   warps_pre=8 if dtype == torch.float32 else 4, warps_upd=8,
+                   stages=2 if wide else 1, dot_f32=dot_f32, prec="tf32" if allow_tf32 else "ieee")
 
 
 def _phases(lay: Layout) -> int:
@@ -198,10 +204,10 @@ def triton_seq_fwd(
     for p in range(_phases(lay)):
         _launch(seq_fwd._seq_pre_kernel, grid_pre, XW, HS, ZS, wall, meta, PRE, p, T, B, L,
                 SAVE=need_grad, DOT_F32=blk.dot_f32, PREC=blk.prec, RECOMPUTE=recompute,
-                BLOCK_B=blk.B, BLOCK_H=blk.H, BLOCK_K=blk.K, num_stages=blk.stages)
+                BLOCK_B=blk.B, BLOCK_H=blk.H, BLOCK_K=blk.K, num_warps=blk.warps_pre, num_stages=blk.stages)
         _launch(seq_fwd._seq_update_kernel, grid_upd, HS, CS, ZS, wall, meta, PRE, slope, noise_arg,
                 p, T, B, L, LN_EPS, SAVE=need_grad, LN=layer_norm, RECOMPUTE=recompute, BOUNDARY=boundary,
-                BLOCK_B=blk.B, BLOCK_H=blk.H, num_stages=blk.stages)
+                BLOCK_B=blk.B, BLOCK_H=blk.EH, num_warps=blk.warps_upd, num_stages=blk.stages)
     if not need_grad:
         PRE = PRE.new_empty(0)
     return HS, CS, ZS, PRE
@@ -243,10 +249,10 @@ def triton_seq_bwd(
                 p, T, B, L, blk.ncb, LN_EPS,
                 HAS_GH=grad_HS is not None, HAS_GC=grad_CS is not None, HAS_GZ=grad_ZS is not None,
                 LN=layer_norm, RECOMPUTE=recompute, BOUNDARY=boundary,
-                BLOCK_B=blk.B, BLOCK_H=blk.H, BLOCK_N=blk.N, num_stages=blk.stages)
+                BLOCK_B=blk.B, BLOCK_H=blk.EH, BLOCK_N=blk.N, num_warps=8, num_stages=blk.stages)
         _launch(seq_bwd._seq_prod_kernel, grid_prod, HS, ZS, wall, meta, DPRE, DHR, DHB, DHT, DZBP, DZUP,
                 p, T, B, L, blk.ncb, RECOMPUTE=recompute, DOT_F32=blk.dot_f32, PREC=blk.prec,
-                BLOCK_B=blk.B, BLOCK_N=blk.N, BLOCK_K=blk.K, num_stages=blk.stages)
+                BLOCK_B=blk.B, BLOCK_N=blk.N, BLOCK_K=blk.K, num_warps=blk.warps, num_stages=blk.stages)
     return _epilogue(lay, blk, x, wall, HS, ZS, DPRE, DY, DGAM, DCW, DCB, DHR, DHT, DCR, DZBE, DZBP, DZTOT, ct)
 
 
