@@ -1,57 +1,86 @@
 #!/usr/bin/env bash
-# The GPU work of a session with a lent GPU, in few full calls (each stage fits a 10-minute call):
+# The GPU work of a session with a lent GPU, in ONE call that fits 9 minutes on an H100/H200. Most important
+# first; every stage writes its result to $OUT as it finishes, so a call cut short still returns what it did:
 #
-#   bash benchmarks/gpu_session.sh build-test      # build the CUDA/C++ extension, GPU + Triton + C++ tests
-#   bash benchmarks/gpu_session.sh bench-core      # PTB and text8 sizes, COPY-skipping sweep, fp32 + bf16
-#   bash benchmarks/gpu_session.sh bench-sweeps    # batch, hidden and steps sweeps
-#   bash benchmarks/gpu_session.sh bench-trained   # a trained PTB model's own boundaries (needs runs/gpu-carry)
+#   1. versions.txt        GPU, driver, CUDA, torch, triton
+#   2. build.log           pip install against the torch already there (the C++ CPU extension; Triton compiles
+#                          its kernels at run time), TORCH_CUDA_ARCH_LIST and MAX_JOBS set
+#   3. smoke.json          each GPU backend against the reference, fp32 and bf16 (benchmarks/gpu_smoke.py)
+#   4. ptb.json            the PTB size (B 64, T 100, 3 x 512): fp32 and bf16, inference and training step,
+#                          hmlstm-triton, its CUDA-graph replay, the reference, nn.LSTM (cuDNN) and its replay
+#   5. tests.log           the GPU tests (Triton against the reference on the full matrix, bf16, inductor)
+#   6. copy.json, text8.json, sweeps.json   as the remaining time allows
 #
-# The bench-* stages need build-test first on the same warm machine (it installs the package there).
-# bench-trained reads a weights-only checkpoint and the PTB text from runs/gpu-carry (git-ignored; 44 MiB, under
-# the device tool's 64 MiB carry limit). Prepare it here, then pass carry=["runs/gpu-carry"] to the run:
-#   hmlstm export --ckpt_path CKPT --out runs/gpu-carry/trained.ckpt
-#   cp -r --no-preserve=mode ../shared/data/ptb runs/gpu-carry/
-#
-# Results land in $OUT (the device tool's output folder) or benchmarks/results/; commit the JSON and the
-# report.py tables. The package is installed against the torch already on the machine (no downloads there).
+# Run from the repository root through the device tool:   bash benchmarks/gpu_session.sh
+# DRY_RUN=1 runs the same stages on the CPU with tiny sizes and the Triton interpreter (tests/test_gpu_session.py
+# does this in CI). BUDGET_S (default 540) is the whole call's time; each stage gets what is left, minus a margin.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh build-test|bench-core|bench-sweeps|bench-trained}
-out=${OUT:-benchmarks/results}
+out=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-day=$(date -u +%F)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-case "$stage" in
-  build-test)
-    nvidia-smi | tee "$out/nvidia-smi.txt"
-    # -v: the compiler's output, and setup.py's warning if the CUDA kernels failed (then CPU kernels only)
-    pip install -v --no-build-isolation --no-deps -e . > "$out/build-full.log" 2>&1
-    { tail -5 "$out/build-full.log"; grep -n "hmlstm: WARNING\|error" "$out/build-full.log" | head -40; } \
-      | tee "$out/build.log"
-    python -c "import hmlstm; print('backends on cuda:', hmlstm.available_backends('cuda'))" | tee -a "$out/build.log"
-    # The model, reference, op and benchmark tests; the CLI tests need jsonargparse, absent on the image.
-    python -m pytest -q -rs tests/test_cuda.py tests/test_ops_triton.py tests/test_cpp.py tests/test_model.py \
-      tests/test_reference.py tests/test_install.py 2>&1 | tee "$out/tests.log"
-    ;;
-  bench-core)
-    python benchmarks/run.py --device cuda --suites ptb text8 copy --dtypes float32 bfloat16 --min-time 1 \
-      --out "$out/gpu-$gpu-$day-core.json" 2>&1 | tee "$out/bench-core.log"
-    python benchmarks/report.py "$out/gpu-$gpu-$day-core.json"
-    ;;
-  bench-sweeps)
-    python benchmarks/run.py --device cuda --suites batch hidden steps --dtypes float32 --min-time 1 \
-      --out "$out/gpu-$gpu-$day-sweeps.json" 2>&1 | tee "$out/bench-sweeps.log"
-    python benchmarks/report.py "$out/gpu-$gpu-$day-sweeps.json"
-    ;;
-  bench-trained)
-    carry=runs/gpu-carry
-    for f in trained.ckpt ptb/ptb.char.train.txt ptb/ptb.char.valid.txt ptb/ptb.char.test.txt; do
-      [ -f "$carry/$f" ] || { echo "bench-trained needs $carry/$f (see this script's header)" >&2; exit 2; }
-    done
-    python benchmarks/run.py --device cuda --suites trained ptb --dtypes float32 bfloat16 --min-time 1 \
-      --trained-ckpt $carry/trained.ckpt --ptb-dir $carry/ptb --out "$out/gpu-$gpu-$day-trained.json" \
-      2>&1 | tee "$out/bench-trained.log"
-    python benchmarks/report.py "$out/gpu-$gpu-$day-trained.json"
-    ;;
-  *) echo "unknown stage $stage" >&2; exit 2 ;;
-esac
+budget=${BUDGET_S:-540}
+start=$SECONDS
+dry=${DRY_RUN:-0}
+log() { echo "[gpu_session $((SECONDS - start))s] $*" | tee -a "$out/session.log"; }
+left() { echo $((budget - (SECONDS - start) - 15)); }
+
+# stage NAME MIN_SECONDS CMD...: runs CMD under the time left (skipped when less than MIN_SECONDS is left)
+stage() {
+  local name=$1 need=$2
+  shift 2
+  local t
+  t=$(left)
+  if ((t < need)); then
+    log "$name: skipped, ${t}s left"
+    echo "skipped: ${t}s left" > "$out/$name.skipped"
+    return 0
+  fi
+  log "$name: start (limit ${t}s)"
+  timeout "$t" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  log "$name: rc $rc"
+  tail -3 "$out/$name.log" | tee -a "$out/session.log"
+  return 0
+}
+
+if [ "$dry" = "1" ]; then
+  device=cpu
+  export TRITON_INTERPRET=1
+  bench=(--suites smoke --min-time 0.01 --modes fwbw --dtypes float32 --providers hmlstm-reference hmlstm-triton lstm)
+  smoke_sizes="2,2,16x12"
+  tests=("tests/test_triton_launches.py::test_two_launches_per_phase_forward_and_backward[1-noln]")
+else
+  device=cuda
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+  bench=(--suites ptb --min-time 1 --dtypes float32 bfloat16 \
+    --providers hmlstm-triton hmlstm-triton-graph hmlstm-reference lstm lstm-graph)
+  smoke_sizes="5,7,64x33x20"
+  tests=(tests/test_ops_triton.py tests/test_triton_launches.py tests/test_model.py tests/test_reference.py)
+fi
+
+{
+  date -u +%FT%TZ
+  git rev-parse --short HEAD 2>/dev/null
+  [ "$device" = cuda ] && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+} > "$out/versions.txt" 2>&1
+log "versions: $(tr '\n' ' ' < "$out/versions.txt")"
+
+if [ "$dry" = "1" ]; then
+  log "build: skipped in a dry run (the checkout is installed)"
+else
+  stage build 60 pip install --no-build-isolation --no-deps -e .
+fi
+stage smoke 20 python benchmarks/gpu_smoke.py --device "$device" --sizes "$smoke_sizes" --out "$out/smoke.json"
+stage ptb 30 python benchmarks/run.py --device "$device" "${bench[@]}" --out "$out/ptb.json"
+[ -f "$out/ptb.json" ] && python benchmarks/report.py "$out/ptb.json" > "$out/ptb.md" 2>&1
+stage tests 60 python -m pytest -q -rs -x "${tests[@]}"
+if [ "$dry" != "1" ]; then
+  stage copy 60 python benchmarks/run.py --device cuda --suites copy --min-time 0.5 \
+    --providers hmlstm-triton hmlstm-triton-graph lstm --dtypes float32 bfloat16 --out "$out/copy.json"
+  stage text8 60 python benchmarks/run.py --device cuda --suites text8 --min-time 0.5 \
+    --providers hmlstm-triton hmlstm-triton-graph lstm lstm-graph --dtypes float32 bfloat16 --out "$out/text8.json"
+  stage sweeps 60 python benchmarks/run.py --device cuda --suites batch hidden steps --min-time 0.3 \
+    --providers hmlstm-triton-graph lstm-graph --out "$out/sweeps.json"
+fi
+log "done"

@@ -10,7 +10,9 @@ peak memory (GPU only) and the speedup against `nn.LSTM` measured in the same ru
 provider that fails records its error and the sweep goes on. The header names the device and versions.
 
 Providers: `hmlstm-<backend>` for each HM-LSTM backend, `lstm` (nn.LSTM with the same layers and sizes) and,
-on a GPU, `lstm-fp16-layers` (three single-layer fp16 nn.LSTMs, where cuDNN may use persistent kernels).
+on a GPU, `lstm-fp16-layers` (three single-layer fp16 nn.LSTMs, where cuDNN may use persistent kernels) and
+`<provider>-graph` (the same step captured once as a CUDA graph and replayed: no Python or launch overhead;
+`hmlstm-triton-graph` and `lstm-graph` by default).
 Modes: `fw` (inference, no autograd) and `fwbw` (training step: forward, and backward of a random projection
 of the top layer's output). Inputs are (B, T, 128), the paper's character embedding size.
 """
@@ -201,14 +203,16 @@ def build(provider: str, size: Size, dtype: torch.dtype, device: torch.device, s
                            layer_norm=rnn.layer_norm, backend=provider.split("-", 1)[1])
             model.load_state_dict(rnn.state_dict())
             model = model.to(device=device, dtype=dtype)
-            return (lambda inp: model(inp).h[-1]), model, x
+            slope = torch.ones((), device=device, dtype=dtype)  # on the device: a graph replays no host copy
+            return (lambda inp: model(inp, slope=slope).h[-1]), model, x
     elif provider.startswith("hmlstm-"):
         model = HMLSTM(INPUT, (size.H,) * size.L, backend=provider.split("-", 1)[1])
         x = torch.randn(size.B, size.T, INPUT)
         if size.rate is not None:
             x = force_boundaries(model, x, size.rate, seed)
         model = model.to(device=device, dtype=dtype)
-        return (lambda inp: model(inp).h[-1]), model, x.to(device=device, dtype=dtype)
+        slope = torch.ones((), device=device, dtype=dtype)
+        return (lambda inp: model(inp, slope=slope).h[-1]), model, x.to(device=device, dtype=dtype)
     if size.ckpt is None:
         x = torch.randn(size.B, size.T, INPUT, device=device, dtype=dtype)
     if provider == "lstm":
@@ -245,6 +249,21 @@ def make_step(mode: str, fw: Callable, module: nn.Module, x: torch.Tensor) -> Ca
     return step
 
 
+def graph_step(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` captured once as a CUDA graph (after warm-up calls on a side stream, which allocate its buffers and
+    fill the launchers' caches); returns the replay. Static shapes and addresses: the same input every call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def time_cpu(step: Callable, min_time: float) -> tuple[float, float, int]:
     from torch.utils import benchmark
 
@@ -273,13 +292,18 @@ def time_cuda(step: Callable, min_time: float) -> tuple[float, float, int]:
 def measure(suite: str, provider: str, mode: str, size: Size, dtype: torch.dtype, device: torch.device,
             min_time: float) -> Record:
     rec = Record(suite, provider, mode, str(dtype).split(".")[-1], size.B, size.T, size.H, size.L, size.rate)
+    graph = provider.endswith("-graph")
     try:
-        fw, module, x = build(provider, size, dtype, device)
+        if graph and device.type != "cuda":
+            raise RuntimeError("a -graph provider replays a CUDA graph: it needs --device cuda")
+        fw, module, x = build(provider.removesuffix("-graph"), size, dtype, device)
         if (size.rate is not None or size.ckpt is not None) and provider.startswith("hmlstm-"):
             with torch.no_grad():
                 out = module(x)
             rec.work = work_fractions(module, out)
         step = make_step(mode, fw, module, x)
+        if graph:
+            step = graph_step(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
@@ -349,6 +373,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     providers = args.providers or ([f"hmlstm-{b}" for b in hmlstm.available_backends(device)] + ["lstm"]
                                    + (["lstm-fp16-layers"] if device.type == "cuda" else []))
+    if args.providers is None and device.type == "cuda" and "hmlstm-triton" in providers:
+        providers += ["hmlstm-triton-graph", "lstm-graph"]
     PTB_DIR["path"] = args.ptb_dir
     if "trained" in args.suites and args.trained_ckpt is None:
         raise SystemExit("--suites trained needs --trained-ckpt (and --ptb-dir)")

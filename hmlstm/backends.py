@@ -17,19 +17,22 @@ import torch
 
 from .sequence import stepwise_forward
 
-BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cpp")
+# Names that once existed, and what to use instead.
+RETIRED = {"cuda": "the per-step CUDA op (csrc/cell_cuda.cu) was retired for the Triton backend, which runs whole "
+                   "sequences on the GPU without host synchronisation (docs/history.md); use backend='triton' or "
+                   "'auto'"}
 
 # name -> module that implements it; imported lazily so a missing build only affects that backend.
 _MODULES = {
     "reference": "hmlstm.reference",
     "cpp": "hmlstm.ops.cpp",
-    "cuda": "hmlstm.ops.cuda",
     "triton": "hmlstm.ops.triton",  # a package: kernels, jit helpers, launcher
 }
 
 # What "auto" tries, fastest first, by device type. Triton on the CPU runs only in the interpreter:
 # correct but slow, so "auto" never picks it there.
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 
 
 _LOADED: dict = {}
@@ -45,6 +48,8 @@ def _module(name: str):
 
 def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """None if backend `name` can run on `device`, else a message that says how to get it."""
+    if name in RETIRED:
+        raise ValueError(f"backend={name!r} no longer exists: {RETIRED[name]}")
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     try:

@@ -75,7 +75,7 @@ class HMLSTM(nn.Module):
             or "soft" (z = hard sigmoid).
         copy_boundary: "hold" (default; COPY keeps z = 0) or "recompute" (z from U h + b on COPY).
         layer_norm: layer normalization of gates and cell (see `hmlstm.reference`).
-        backend: "auto", "reference", "triton", "cpp" or "cuda" (see `hmlstm.backends`).
+        backend: "auto", "reference", "triton" or "cpp" (see `hmlstm.backends`).
 
     Example:
         >>> model = HMLSTM(128, (512, 512, 512))
@@ -108,6 +108,8 @@ class HMLSTM(nn.Module):
                 raise ValueError(f"hidden_sizes[{k}] must be a positive int, got {hsz!r}")
         _check_choice("boundary", boundary, BOUNDARY_MODES)
         _check_choice("copy_boundary", copy_boundary, COPY_BOUNDARY_MODES)
+        if backend in backends.RETIRED:
+            raise ValueError(f"backend={backend!r} no longer exists: {backends.RETIRED[backend]}")
         _check_choice("backend", backend, backends.BACKENDS)
         self.input_size = input_size
         self.hidden_sizes = hidden_sizes

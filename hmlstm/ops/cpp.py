@@ -38,8 +38,8 @@ def unavailable_reason(device: torch.device | str) -> Optional[str]:
                 f"from the repository root with `{BUILD_COMMAND}` (needs a C++ compiler)")
     device = torch.device(device)
     if device.type != "cpu":
-        return (f"the C++ backend runs on the CPU only, got device {device}; use backend='triton' or "
-                f"'cuda' for GPU tensors, or move the model and input to the CPU")
+        return (f"the C++ backend runs on the CPU only, got device {device}; use backend='triton' "
+                f"for GPU tensors, or move the model and input to the CPU")
     return None
 
 

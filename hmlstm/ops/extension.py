@@ -1,12 +1,11 @@
 """The compiled extension `hmlstm._C`, and what torch needs on top of its ops, for every device.
 
 The op schemas are declared once in csrc/ops.cpp (`TORCH_LIBRARY(hmlstm, ...)`) and implemented per device
-(csrc/cell_cpu.cpp, csrc/seq_cpu.cpp for the CPU, csrc/cell_cuda.cu for CUDA). This module loads the
+(csrc/cell_cpu.cpp, csrc/seq_cpu.cpp, CPU kernels). This module loads the
 extension (optional: without it the package runs on the other backends; an install without it compiles
 the CPU part on first use, see `_build_on_first_use`) and registers, in one place,
 the fake kernels (shapes for torch.compile and opcheck) and the autograd formula of `hmlstm::cell_fwd`.
-The C++ backend (`hmlstm.ops.cpp`, `hmlstm.ops.cpp_sequence`) and the CUDA backend (`hmlstm.ops.cuda`) both
-use it; neither imports the other.
+The C++ backend (`hmlstm.ops.cpp`, `hmlstm.ops.cpp_sequence`) uses it.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ if IMPORT_ERROR is None:
          boundary_mode, recompute, save, dense_copy, packed, poison) = inputs
         if not save:
             raise RuntimeError("hmlstm::cell_fwd was called with save=False on inputs that require grad; "
-                               "call it through hmlstm.ops.cpp.fused_cell_step or hmlstm.ops.cuda.fused_cell_step")
+                               "call it through hmlstm.ops.cpp.fused_cell_step")
         ctx.save_for_backward(x, z_below, h, c, z, h_above, W, U, V, b, ln_gates, ln_cell_w, ln_cell_b, slope,
                               noise, output[3])
         ctx.boundary_mode, ctx.recompute, ctx.dense_copy = boundary_mode, recompute, dense_copy
@@ -167,7 +166,7 @@ if IMPORT_ERROR is None:
 def cell_step_op(x: Tensor, z_below: Tensor, h: Tensor, c: Tensor, z: Tensor, h_above: Tensor, p: LayerParams,
                  slope: Tensor, noise: Optional[Tensor], cfg: CellConfig) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """`fused_cell_step` on whichever device the tensors are (the op dispatches on it), without the
-    backend check: the CPU and CUDA backends (`hmlstm.ops.cuda`) both call it. Shapes as `fused_cell_step`."""
+    backend check. Shapes as `fused_cell_step`."""
     if cfg.boundary not in BOUNDARY_CODES:
         raise ValueError(f"cfg.boundary must be one of {tuple(BOUNDARY_CODES)}, got {cfg.boundary!r}")
     if cfg.copy_boundary not in COPY_BOUNDARY_MODES:
