@@ -101,3 +101,12 @@ def test_trained_suite_runs_the_checkpoints_model_on_validation_text():
     assert all(r.error is None and r.median_s > 0 for r in recs), [r.error for r in recs]
     work = recs[0].work
     assert len(work["running"]) == 2 and work["running"][0] == 1.0 and 0 <= work["running"][1] <= 1
+
+
+def test_graph_provider_needs_a_gpu_and_says_so():
+    """`<provider>-graph` replays a CUDA graph: on the CPU it records why it did not run, and the sweep goes on."""
+    import run
+
+    rec = run.measure("smoke", "hmlstm-reference-graph", "fw", run.Size(2, 3, 8), torch.float32,
+                      torch.device("cpu"), 0.01)
+    assert rec.median_s is None and "needs --device cuda" in rec.error

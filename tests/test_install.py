@@ -102,3 +102,13 @@ def test_a_wheel_without_the_extension_builds_it_on_first_use_or_warns(tmp_path)
     assert "backend reference" in off.stdout
     assert "runs on the 'reference' backend" in off.stdout and "pip install --no-build-isolation" in off.stdout
     assert off.stdout.count("runs on the 'reference' backend") == 1  # warned once
+
+
+def test_the_retired_cuda_backend_names_its_replacement():
+    from hmlstm import HMLSTM
+    from hmlstm.backends import unavailable_reason
+
+    with pytest.raises(ValueError, match="backend='cuda' no longer exists.*triton"):
+        HMLSTM(4, (8, 8), backend="cuda")
+    with pytest.raises(ValueError, match="no longer exists"):
+        unavailable_reason("cuda", torch.device("cpu"))
