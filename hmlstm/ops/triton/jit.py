@@ -120,3 +120,32 @@ def cell_moments(PRE, Bias, LNG, Cp, rows, rmask, HD, G, mean, rstd, eps,
     rs_fl = 1.0 / tl.sqrt(v_fl / HD + eps)
     rs_up = 1.0 / tl.sqrt(v_up / HD + eps)
     return mu_fl, rs_fl, mu_up, rs_up
+
+
+@triton.jit
+def cell_branches(PRE, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
+                  mu_fl, rs_fl, mu_up, rs_up, LN: tl.constexpr, CT: tl.constexpr):
+    """For one column block: the gates, c_{t-1} and h_{t-1}, both candidate cells c_flush = i g and
+    c_update = f c + i g, what their tanh takes (x: the cell-LN-normalized cell with LN, the cell without) and
+    the activations a = tanh(x * gain + bias) (tanh(c) without LN), and the cell LN gain (zeros without LN)."""
+    m2 = rmask[:, None] & cmask[None, :]
+    hc = rows[:, None] * HD + cols[None, :]
+    f, i, o, g = load_gates(PRE, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN, CT)
+    c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
+    h = tl.load(Hp + hc, mask=m2, other=0.0).to(CT)
+    c_fl = i * g
+    c_up = f * c + i * g
+    if LN:
+        cw = tl.load(LNCW + cols, mask=cmask, other=0.0).to(CT)[None, :]
+        cb = tl.load(LNCB + cols, mask=cmask, other=0.0).to(CT)[None, :]
+        x_fl = (c_fl - mu_fl[:, None]) * rs_fl[:, None]
+        x_up = (c_up - mu_up[:, None]) * rs_up[:, None]
+        a_fl = tanh(x_fl * cw + cb)
+        a_up = tanh(x_up * cw + cb)
+    else:
+        cw = tl.zeros_like(c)
+        x_fl = c_fl
+        x_up = c_up
+        a_fl = tanh(c_fl)
+        a_up = tanh(c_up)
+    return f, i, o, g, c, h, c_fl, c_up, x_fl, x_up, a_fl, a_up, cw

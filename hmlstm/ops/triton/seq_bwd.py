@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import boundary, boundary_grad, cell_moments, gate_moments, load_gates, tanh
+from .jit import boundary, boundary_grad, cell_branches, cell_moments, gate_moments
 from .seq_fwd import (M_B, M_G, M_H, M_HA, M_HASZ, M_I, M_LNCB, M_LNCW, M_LNG, M_ODC, M_ODY, M_OH, M_OPRE, M_OZ,
                       M_U, M_V, M_W, _meta)
 
@@ -130,14 +130,9 @@ def _seq_grad_kernel(
                 cmask = cols < HD
                 m2 = rmask[:, None] & cmask[None, :]
                 hc = rows[:, None] * HD + cols[None, :]
-                f, i, o, g = load_gates(Pp, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, True, CT)
-                c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
-                cw = tl.load(LNCW + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                cb = tl.load(LNCB + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                x_fl = (i * g - mu_fl[:, None]) * rs_fl[:, None]
-                x_up = (f * c + i * g - mu_up[:, None]) * rs_up[:, None]
-                a_fl = tanh(x_fl * cw + cb)
-                a_up = tanh(x_up * cw + cb)
+                f, i, o, g, c, h, c_fl, c_up, x_fl, x_up, a_fl, a_up, cw = cell_branches(
+                    Pp, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
+                    mu_fl, rs_fl, mu_up, rs_up, True, CT)
                 dh = _grad_h(GH, DHR, DHB, DHT, nxt, hc, m2, more_t, has_above, has_below, HAS_GH, CT)
                 dx_fl = tl.where(m2, zb * dh * o * (1 - a_fl * a_fl) * cw, 0.0)
                 dx_up = tl.where(m2, w_up * dh * o * (1 - a_up * a_up) * cw, 0.0)
@@ -157,23 +152,9 @@ def _seq_grad_kernel(
             cmask = cols < HD
             m2 = rmask[:, None] & cmask[None, :]
             hc = rows[:, None] * HD + cols[None, :]
-            f, i, o, g = load_gates(Pp, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN, CT)
-            c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
-            h = tl.load(Hp + hc, mask=m2, other=0.0).to(CT)
-            c_fl = i * g
-            c_up = f * c + i * g
-            if LN:
-                cw = tl.load(LNCW + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                cb = tl.load(LNCB + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                x_fl = (c_fl - mu_fl[:, None]) * rs_fl[:, None]
-                x_up = (c_up - mu_up[:, None]) * rs_up[:, None]
-                a_fl = tanh(x_fl * cw + cb)
-                a_up = tanh(x_up * cw + cb)
-            else:
-                x_fl = c_fl
-                x_up = c_up
-                a_fl = tanh(c_fl)
-                a_up = tanh(c_up)
+            f, i, o, g, c, h, c_fl, c_up, x_fl, x_up, a_fl, a_up, cw = cell_branches(
+                Pp, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
+                mu_fl, rs_fl, mu_up, rs_up, LN, CT)
             dh = _grad_h(GH, DHR, DHB, DHT, nxt, hc, m2, more_t, has_above, has_below, HAS_GH, CT)
             dc = _grad_c(GC, DCR, nxt, hc, m2, more_t, HAS_GC, CT)
             h_fl = o * a_fl

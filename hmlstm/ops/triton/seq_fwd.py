@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import boundary, cell_moments, gate_moments, load_gates, sigmoid, tanh
+from .jit import boundary, cell_branches, cell_moments, gate_moments
 
 # META columns (one int64 row per layer); seq_op.META_COLUMNS holds the same names in the same order.
 # tl.constexpr: a @triton.jit function may read a module global only if it is one.
@@ -220,27 +220,19 @@ def _seq_update_kernel(
                                                           CT, BLOCK_B, BLOCK_H)
             zb = zb1[:, None]
             zu = zu1[:, None]
+            LNCW = WALL + _meta(META, l, M_LNCW)
+            LNCB = WALL + _meta(META, l, M_LNCB)
             for c0 in range(0, HD, BLOCK_H):
                 cols = c0 + tl.arange(0, BLOCK_H)
                 cmask = cols < HD
                 m2 = rmask[:, None] & cmask[None, :]
                 hc = rows[:, None] * HD + cols[None, :]
-                f, i, o, g = load_gates(Pp, Bias, LNG, rows, rmask, cols, cmask, HD, G, mean, rstd, LN, CT)
-                c = tl.load(Cp + hc, mask=m2, other=0.0).to(CT)
-                h = tl.load(Hp + hc, mask=m2, other=0.0).to(CT)
-                c_flush = i * g
-                c_update = f * c + i * g
-                if LN:
-                    cw = tl.load(WALL + _meta(META, l, M_LNCW) + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                    cb = tl.load(WALL + _meta(META, l, M_LNCB) + cols, mask=cmask, other=0.0).to(CT)[None, :]
-                    h_flush = o * tanh((c_flush - mu_fl[:, None]) * rs_fl[:, None] * cw + cb)
-                    h_update = o * tanh((c_update - mu_up[:, None]) * rs_up[:, None] * cw + cb)
-                else:
-                    h_flush = o * tanh(c_flush)
-                    h_update = o * tanh(c_update)
+                f, i, o, g, c, h, c_flush, c_update, _, _, a_fl, a_up, _ = cell_branches(
+                    Pp, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
+                    mu_fl, rs_fl, mu_up, rs_up, LN, CT)
                 # the dense form of the reference: COPY rows of a mixed block come out exact
                 c_new = zb * c_flush + (1 - zb) * (zu * c_update + (1 - zu) * c)
-                h_new = zb * h_flush + (1 - zb) * (zu * h_update + (1 - zu) * h)
+                h_new = zb * (o * a_fl) + (1 - zb) * (zu * (o * a_up) + (1 - zu) * h)
                 tl.store(Cn + hc, c_new.to(Cn.dtype.element_ty), mask=m2)
                 tl.store(Hn + hc, h_new.to(Hn.dtype.element_ty), mask=m2)
         else:
