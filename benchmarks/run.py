@@ -14,7 +14,7 @@ on a GPU, `lstm-fp16-layers` (three single-layer fp16 nn.LSTMs, where cuDNN may 
 `<provider>-graph` (the same step captured once as a CUDA graph and replayed: no Python or launch overhead;
 `hmlstm-triton-graph` and `lstm-graph` by default).
 Modes: `fw` (inference, no autograd) and `fwbw` (training step: forward, and backward of a random projection
-of the top layer's output). Inputs are (B, T, 128), the paper's character embedding size.
+of the top layer's output). Inputs are (B, T, 128), the paper's character embedding size (--input-size).
 """
 
 from __future__ import annotations
@@ -345,6 +345,7 @@ def add_speedups(records: list[Record]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    global INPUT
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -365,8 +366,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--trained-ckpt", default=None,
                    help="a PTB checkpoint of `hmlstm fit --config ptb.yaml`: enables the trained suite")
     p.add_argument("--ptb-dir", default=None, help="folder of ptb.char.valid.txt (the trained suite's text)")
+    p.add_argument("--input-size", type=int, default=INPUT,
+                   help="features of the input (default 128, the paper's character embedding)")
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
+    INPUT = args.input_size
 
     device = torch.device(args.device)
     if args.threads:
@@ -382,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     unknown = [s for s in args.suites if s not in table]
     if unknown:
         raise SystemExit(f"--suites: unknown {unknown}; choose from {sorted(table)}")
-    result = {"header": header(device), "records": []}
+    result = {"header": header(device) | {"input_size": INPUT}, "records": []}
     if args.trained_ckpt is not None:
         ck = torch.load(args.trained_ckpt, map_location="cpu", weights_only=False)
         result["header"]["trained_ckpt"] = {"path": args.trained_ckpt, "epoch": ck.get("epoch"),
