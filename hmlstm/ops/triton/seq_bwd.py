@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .jit import boundary, boundary_grad, cell_branches, cell_moments, gate_moments
 from .seq_fwd import (M_B, M_G, M_H, M_HA, M_HASZ, M_I, M_LNCB, M_LNCW, M_LNG, M_ODC, M_ODY, M_OH, M_OPRE, M_OZ,
-                      M_U, M_V, M_W, _meta)
+                      M_U, M_V, M_W, _meta, step_gates)
 
 
 @triton.jit
@@ -96,12 +96,7 @@ def _seq_grad_kernel(
         rows = r.to(tl.int64)
         oh = _meta(META, l, M_OH)
         oz = _meta(META, l, M_OZ)
-        zb1 = tl.zeros([BLOCK_B], dtype=CT)
-        if has_z:
-            zb1 = tl.load(ZS + oz + t * B + rows, mask=rmask, other=0.0).to(CT)
-        zu1 = tl.where(rmask, 1.0, 0.0).to(CT)
-        if l > 0:
-            zu1 = tl.load(ZS + _meta(META, l - 1, M_OZ) + (t + 1) * B + rows, mask=rmask, other=0.0).to(CT)
+        zb1, zu1, _, _ = step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT, BLOCK_B)
         zb = zb1[:, None]
         zu = zu1[:, None]
         w_up = (1 - zb) * zu  # weight of UPDATE in the dense form
@@ -288,13 +283,8 @@ def _seq_prod_kernel(
             ns = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = ns < N
             m2 = rmask[:, None] & nmask[None, :]
-            zb = tl.zeros([BLOCK_B], dtype=CT)
-            if has_z:
-                zb = tl.load(ZS + _meta(META, l, M_OZ) + t * B + rows, mask=rmask, other=0.0).to(CT)
-            zu = tl.where(rmask, 1.0, 0.0).to(CT)
-            if l > 0:
-                zu = tl.load(ZS + _meta(META, l - 1, M_OZ) + (t + 1) * B + rows, mask=rmask, other=0.0).to(CT)
-            active = (tl.max(tl.abs(zb), axis=0) > 0) | (tl.max(tl.abs(zu), axis=0) > 0)
+            zb, zu, any_b, any_u = step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT, BLOCK_B)
+            active = any_b | any_u
             # COPY rows have dpre = 0 but in the boundary column under "recompute" (docs/spec.md)
             k_lo = tl.where(active, 0, 4 * HD)
             k_hi = tl.where(active | (RECOMPUTE & has_z), G, k_lo)

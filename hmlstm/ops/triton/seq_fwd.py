@@ -43,6 +43,19 @@ def _meta(META, l, col):
 
 
 @triton.jit
+def step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The two boundaries that gate layer-step (l, t), per row: zb = z_{t-1}^l (0 on the top layer) and
+    zu = z_t^{l-1} (1 on the first layer), and whether any row of the block has each one on."""
+    zb = tl.zeros([BLOCK_B], dtype=CT)
+    if has_z:
+        zb = tl.load(ZS + _meta(META, l, M_OZ) + t * B + rows, mask=rmask, other=0.0).to(CT)
+    zu = tl.where(rmask, 1.0, 0.0).to(CT)
+    if l > 0:
+        zu = tl.load(ZS + _meta(META, l - 1, M_OZ) + (t + 1) * B + rows, mask=rmask, other=0.0).to(CT)
+    return zb, zu, tl.max(tl.abs(zb), axis=0) > 0, tl.max(tl.abs(zu), axis=0) > 0
+
+
+@triton.jit
 def _dot_acc(acc, a, w, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     if DOT_F32:
         return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision=PREC)
@@ -94,14 +107,7 @@ def _seq_pre_kernel(
             cmask = cols < HD
             m2 = rmask[:, None] & cmask[None, :]
             do_z = has_z & (tl.program_id(2) == 0)
-            zb = tl.zeros([BLOCK_B], dtype=CT)
-            if has_z:
-                zb = tl.load(ZS + _meta(META, l, M_OZ) + t * B + rows, mask=rmask, other=0.0).to(CT)
-            zu = tl.where(rmask, 1.0, 0.0).to(CT)
-            if l > 0:
-                zu = tl.load(ZS + _meta(META, l - 1, M_OZ) + (t + 1) * B + rows, mask=rmask, other=0.0).to(CT)
-            any_b = tl.max(tl.abs(zb), axis=0) > 0
-            any_u = tl.max(tl.abs(zu), axis=0) > 0
+            zb, zu, any_b, any_u = step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT, BLOCK_B)
             Hp = HS + _meta(META, l, M_OH) + t * B * HD
             Wb = WALL + _meta(META, l, M_W)
             Ub = WALL + _meta(META, l, M_U)
@@ -192,13 +198,8 @@ def _seq_update_kernel(
         r = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         rmask = r < B
         rows = r.to(tl.int64)
-        zb1 = tl.zeros([BLOCK_B], dtype=CT)
-        if has_z:
-            zb1 = tl.load(ZS + _meta(META, l, M_OZ) + t * B + rows, mask=rmask, other=0.0).to(CT)
-        zu1 = tl.where(rmask, 1.0, 0.0).to(CT)
-        if l > 0:
-            zu1 = tl.load(ZS + _meta(META, l - 1, M_OZ) + (t + 1) * B + rows, mask=rmask, other=0.0).to(CT)
-        active = (tl.max(tl.abs(zb1), axis=0) > 0) | (tl.max(tl.abs(zu1), axis=0) > 0)
+        zb1, zu1, any_b, any_u = step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT, BLOCK_B)
+        active = any_b | any_u
         oh = _meta(META, l, M_OH)
         oc = _meta(META, l, M_OC)
         Hp = HS + oh + t * B * HD
