@@ -20,7 +20,9 @@ Per phase the launcher issues:
 1. `_seq_grad_kernel`, grid (slots, row blocks): sums the pieces into dh_t, dc_t, dz_t of its layer-steps and
    runs the element-wise backward of the cell on them (gates recomputed from the saved pre-activations):
    dpre (kept for all steps: the weight gradients are one GEMM each after the loop), dc_{t-1}, the direct
-   part of dh_{t-1}, the element-wise boundary parts, and with layer norm the per-row LN gradient terms.
+   part of dh_{t-1}, the element-wise boundary parts, and with layer norm the per-row LN gradient terms. With
+   layer norm dh_t is needed in two passes over the row: the first sums its pieces once and leaves the sum in
+   DHR's slot t + 1 (read by nobody else), the second reads it back.
 2. `_seq_prod_kernel`, grid (3 x slots, row blocks, column blocks): the three products dpre U, dpre W, dpre V
    and the row sums <dpre W, x>, <dpre V, h^{l+1}> of its column block. An all-COPY row block has dpre = 0
    (but for the boundary column under "recompute"), so it multiplies nothing (only that column).
@@ -129,12 +131,15 @@ def _seq_grad_kernel(
                     Pp, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
                     mu_fl, rs_fl, mu_up, rs_up, True, CT)
                 dh = _grad_h(GH, DHR, DHB, DHT, nxt, hc, m2, more_t, has_above, has_below, HAS_GH, CT)
+                # kept for the main pass: only this layer-step reads slot t + 1 of DHR (slot T is free)
+                tl.store(DHR + nxt + hc, dh, mask=m2)
                 dx_fl = tl.where(m2, zb * dh * o * (1 - a_fl * a_fl) * cw, 0.0)
                 dx_up = tl.where(m2, w_up * dh * o * (1 - a_up * a_up) * cw, 0.0)
                 s1_fl += tl.sum(dx_fl, axis=1)
                 s2_fl += tl.sum(dx_fl * x_fl, axis=1)
                 s1_up += tl.sum(dx_up, axis=1)
                 s2_up += tl.sum(dx_up * x_up, axis=1)
+            tl.debug_barrier()  # the summed dh was stored above by other threads of this program
 
         dzb = tl.zeros([BLOCK_B], dtype=CT)
         dzu = tl.zeros([BLOCK_B], dtype=CT)
@@ -150,7 +155,10 @@ def _seq_grad_kernel(
             f, i, o, g, c, h, c_fl, c_up, x_fl, x_up, a_fl, a_up, cw = cell_branches(
                 Pp, Bias, LNG, LNCW, LNCB, Cp, Hp, rows, rmask, cols, cmask, HD, G, mean, rstd,
                 mu_fl, rs_fl, mu_up, rs_up, LN, CT)
-            dh = _grad_h(GH, DHR, DHB, DHT, nxt, hc, m2, more_t, has_above, has_below, HAS_GH, CT)
+            if LN:
+                dh = tl.load(DHR + nxt + hc, mask=m2, other=0.0)  # summed by the LN pass
+            else:
+                dh = _grad_h(GH, DHR, DHB, DHT, nxt, hc, m2, more_t, has_above, has_below, HAS_GH, CT)
             dc = _grad_c(GC, DCR, nxt, hc, m2, more_t, HAS_GC, CT)
             h_fl = o * a_fl
             h_up = o * a_up
