@@ -76,11 +76,15 @@ class CharLM(nn.Module):
         self.head = nn.Linear(output_size, vocab_size)
 
     def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, slope: float | Tensor = 1.0,
-                generator: Optional[torch.Generator] = None, probe: Optional[Tensor] = None) -> LMOutput:
+                generator: Optional[torch.Generator] = None, probe: Optional[Tensor] = None,
+                boundaries: Optional[Tensor] = None) -> LMOutput:
         """tokens: (B, T) int64 ids in [0, V) -> logits (B, T, V) predicting the next character.
-        probe: see `HMLSTM.forward` (its gradient is dL/dz)."""
+        probe: see `HMLSTM.forward` (its gradient is dL/dz); boundaries: (L-1, B, T) forced boundaries, ditto."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (B, T), got dtype {tokens.dtype} "
                              f"and shape {tuple(tokens.shape)}")
-        rnn = self.rnn(self.embed(tokens), state=state, slope=slope, generator=generator, probe=probe)
+        if boundaries is not None and not isinstance(self.rnn, HMLSTM):
+            raise ValueError("boundaries: cell='lstm' has no boundary detectors to replace")
+        extra = {} if boundaries is None else {"boundaries": boundaries}
+        rnn = self.rnn(self.embed(tokens), state=state, slope=slope, generator=generator, probe=probe, **extra)
         return LMOutput(self.head(self.output(rnn.h)), rnn)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import backends
+from .reference import naive_cell_step
+from .sequence import stepwise_forward
 from .state import HMLSTMOutput, HMLSTMState
 from .types import BOUNDARY_MODES, COPY_BOUNDARY_MODES, CellConfig, LayerParams
 
@@ -157,6 +160,7 @@ class HMLSTM(nn.Module):
         *,
         generator: Optional[torch.Generator] = None,
         probe: Optional[Tensor] = None,
+        boundaries: Optional[Tensor] = None,
     ) -> HMLSTMOutput:
         """Run the sequence.
 
@@ -168,6 +172,9 @@ class HMLSTM(nn.Module):
             probe: None, or an (L-1, B, T) tensor that requires grad (zeros, say): after backward its .grad is
                 dL/dz_t^l, the whole gradient reaching each boundary (what the training diagnostics log). Its
                 values are not read; the forward is unchanged.
+            boundaries: None, or (L-1, B, T) 0/1 values that replace the boundary detectors' z (an oracle
+                segmentation, e.g. the true word and phrase ends: what would this model reach if its layers found
+                them?). Runs the reference loop whatever the backend; the detectors get no gradient.
 
         Returns:
             HMLSTMOutput with h: L x (B, T, H_l), c: L x (B, T, H_l), z: (L-1) x (B, T), state.
@@ -185,6 +192,8 @@ class HMLSTM(nn.Module):
                                generator=generator)
         name = backends.resolve(self.backend, x.device)
         run = backends.sequence_fn(name)
+        if boundaries is not None:
+            run = self._forced_run(boundaries, B, x)
         if probe is not None:
             expected = (self.num_layers - 1, B, x.shape[1])
             if tuple(probe.shape) != expected:
@@ -192,6 +201,17 @@ class HMLSTM(nn.Module):
             if self.num_layers == 1:
                 probe = None
         return run(x, [layer.params() for layer in self.layers], self.cfgs, state, slope_t, noise, probe=probe)
+
+    def _forced_run(self, boundaries: Tensor, B: int, x: Tensor):
+        expected = (self.num_layers - 1, B, x.shape[1])
+        if not isinstance(boundaries, Tensor) or tuple(boundaries.shape) != expected:
+            got = tuple(boundaries.shape) if isinstance(boundaries, Tensor) else type(boundaries).__name__
+            raise ValueError(f"boundaries must be a tensor of shape (L-1, B, T) = {expected}, got {got}")
+        if self.num_layers == 1:
+            raise ValueError("boundaries: a 1-layer model has no boundary detector to replace")
+        forced = boundaries.to(device=x.device, dtype=x.dtype)
+        # the per-step reference loop: the fused backends compute z inside their kernels
+        return partial(stepwise_forward, naive_cell_step, forced=forced)
 
     # -- argument checks: each message names the argument and what was expected --------------------
 

@@ -24,6 +24,7 @@ def stepwise_forward(
     slope: Tensor,
     noise: Optional[Tensor],
     probe: Optional[Tensor] = None,
+    forced: Optional[Tensor] = None,
 ) -> HMLSTMOutput:
     """Run L layers over T steps, bottom to top within a step.
 
@@ -37,6 +38,8 @@ def stepwise_forward(
         probe: None, or (L-1, B, T) whose gradient becomes dL/dz_t^l, the whole gradient reaching each
             boundary through every use of it (the training diagnostics). Its values are never read: it enters
             as probe - probe.detach(), which is zero.
+        forced: None, or (L-1, B, T) 0/1 boundaries that replace the detectors' z_t^l (an oracle: the true
+            segment ends). The cell equations use them as they would use z; no gradient reaches the detectors.
     """
     B, T, _ = x.shape
     L = len(params)
@@ -58,6 +61,8 @@ def stepwise_forward(
             hs[l].append(h[l])
             cs[l].append(c[l])
             if z_new is not None:
+                if forced is not None:
+                    z_new = forced[l, :, t].to(z_new.dtype)
                 if probe is not None:
                     z_new = z_new + (probe[l, :, t] - probe[l, :, t].detach()).to(z_new.dtype)
                 z[l] = z_new

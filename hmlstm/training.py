@@ -97,6 +97,14 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             weight_ih, weight_hh, weight_td) down to this norm where it is longer (the authors' code: 1.9365).
         boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias).
         adam_beta2, weight_decay: Adam's beta2 (the authors' code: 0.99) and L2 weight decay.
+        boundary_cost: a charge, in nats per character, for every boundary a detector fires during training:
+            the loss adds boundary_cost * sum_l mean(z^l), whose straight-through gradient pushes every detector
+            toward firing less, so that a boundary survives only where it lowers the NLL by more than it costs
+            (an update budget; not in the paper, whose forward it leaves unchanged). 0 turns it off.
+        oracle_boundaries: the true segment ends replace the boundary detectors' z in every stage (layer k gets
+            level k of the data's boundaries, `hmlstm.synthetic.LEVELS`: words, then phrases). A diagnostic, not
+            the paper's model: the BPC an HM-LSTM would reach if its layers found the structure, to hold a learned
+            run against. Runs the reference loop (slow); the logged F1 is 1 by construction.
 
     Logged every epoch, for stage in train/val/test: `{stage}/bpc`, `{stage}/nll`, `{stage}/boundary_rate_l{k}`,
     `{stage}/{update,copy,flush}_l{k}` (layers numbered from 1); in val/test the boundary precision, recall
@@ -118,7 +126,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  backend: str = "auto", lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0,
                  vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
-                 boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0) -> None:
+                 boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0,
+                 boundary_cost: float = 0.0, oracle_boundaries: bool = False) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -130,7 +139,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             raise ValueError(f"boundary_norm_cap must be > 0 or None (the authors' code: 1.9365), got {boundary_norm_cap}")
         if not 0 <= adam_beta2 < 1 or weight_decay < 0:
             raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
-        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap}
+        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
+                   "oracle_boundaries": oracle_boundaries or None, "boundary_cost": boundary_cost or None}
         given = [k for k, v in hm_only.items() if v is not None]
         if cell == "lstm" and given:
             raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
@@ -141,6 +151,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             rank_zero_warn(f"boundary_bias={boundary_bias} is unused: cell='lstm' has no boundary units")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if not boundary_cost >= 0:
+            raise ValueError(f"boundary_cost must be >= 0 (nats per boundary and character), got {boundary_cost}")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
         self.save_hyperparameters()
@@ -192,8 +204,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
 
     # -- the shared step ------------------------------------------------------------------------------
 
-    def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, probe: Optional[Tensor] = None):
-        """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope (probe: see `HMLSTM.forward`)."""
+    def forward(self, tokens: Tensor, state: Optional[HMLSTMState] = None, probe: Optional[Tensor] = None,
+                boundaries: Optional[Tensor] = None):
+        """tokens (B, T) -> LMOutput(logits (B, T, V), rnn) at the current slope (probe, boundaries: see
+        `HMLSTM.forward`)."""
         if self.net is None:
             self.require_vocab()
         if tokens.numel() and not tokens.is_floating_point():
@@ -203,7 +217,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 raise ValueError(f"token ids must be in [0, {self.net.vocab_size}) for this vocabulary of "
                                  f"{self.net.vocab_size}, got ids from {lo} to {hi}; encode text with the model's "
                                  f"vocabulary (model.vocab.encode)")
-        return self.net(tokens, state=state, slope=self.slope, probe=probe)
+        return self.net(tokens, state=state, slope=self.slope, probe=probe, boundaries=boundaries)
 
     @property
     def _distributed(self) -> bool:
@@ -217,7 +231,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 and self.hparams.get("cell", "hmlstm") == "hmlstm":
             # its gradient is dL/dz (HMLSTM.forward): the diagnostics read it in on_after_backward
             self._probe = torch.zeros(self.net.rnn.num_layers - 1, *x.shape, device=x.device, requires_grad=True)
-        out = self(x, state, probe=self._probe)
+        out = self(x, state, probe=self._probe, boundaries=self._oracle(batch))
         self._states[stage] = out.rnn.state.detach()  # truncated BPTT: continue the streams, cut the graph
         logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -245,9 +259,29 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             self._log_operations(stage, out.rnn, state, n)
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
+        loss = nll
+        cost = self.hparams.get("boundary_cost", 0.0)
+        if stage == "train" and cost and out.rnn.z:
+            charged = cost * sum(z.mean() for z in out.rnn.z)
+            self.log("train/boundary_cost", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
+            loss = loss + charged
         if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":
-            return nll * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
-        return nll
+            return loss * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
+        return loss
+
+    def _oracle(self, batch: dict[str, Tensor]) -> Optional[Tensor]:
+        """(L-1, B, T) true boundaries for oracle_boundaries, else None."""
+        if not self.hparams.get("oracle_boundaries", False):
+            return None
+        from .synthetic import LEVELS
+
+        wanted = [f"boundary/{LEVELS[k]}" if k < len(LEVELS) else f"boundary/(level {k + 1})"
+                  for k in range(self.net.rnn.num_layers - 1)]
+        missing = [k for k in wanted if k not in batch]
+        if missing:
+            raise ValueError(f"oracle_boundaries needs the batch to carry {', '.join(wanted)} (a data module with "
+                             f"true boundaries, such as SyntheticDataModule); missing: {', '.join(missing)}")
+        return torch.stack([batch[k] for k in wanted]).float()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         self._chars += batch["target"].numel()

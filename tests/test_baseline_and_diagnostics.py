@@ -187,3 +187,47 @@ def test_lstm_baseline_refuses_hm_only_options(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="copy_boundary"):
         hmlstm_main(["fit", "--model.cell", "lstm", "--model.copy_boundary", "recompute", "--trainer.max_epochs",
                      "0", "--trainer.logger", "false"])
+
+
+def test_oracle_boundaries_train_on_the_true_segment_ends(tmp_path):
+    model = HMLSTMLanguageModel(**(TINY | {"hidden_sizes": (8, 8, 6)}), oracle_boundaries=True)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer(tmp_path, logger=logger, log_every_n_steps=1).fit(model, tiny_data())
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    last = [r for r in rows if r.get("val/f1_l1_word")][-1]
+    assert float(last["val/f1_l1_word"]) == 1.0 and float(last["val/f1_l2_phrase"]) == 1.0
+    assert math.isfinite(float(last["val/bpc"]))
+    with pytest.raises(ValueError, match="oracle_boundaries applies to cell='hmlstm' only"):
+        HMLSTMLanguageModel(cell="lstm", oracle_boundaries=True)
+    four = HMLSTMLanguageModel(**(TINY | {"hidden_sizes": (8, 8, 8, 6)}), oracle_boundaries=True)
+    with pytest.raises(ValueError, match=r"oracle_boundaries needs the batch to carry .*missing: boundary/\(level 3\)"):
+        trainer(tmp_path).fit(four, tiny_data())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_boundary_cost_charges_each_boundary_and_pushes_the_detectors_down(backend):
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    losses, bias_grads, rates = {}, {}, {}
+    for cost in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = HMLSTMLanguageModel(**(TINY | {"backend": backend}), vocab=dm.vocab.chars, boundary_cost=cost,
+                                    boundary_bias=0.2, loss_reduction="sum_time").double()
+        model.log = lambda *a, **k: None
+        loss = model._shared_step(batch, "train")
+        loss.backward()
+        losses[cost] = float(loss)
+        layers = [layer for layer in model.net.rnn.layers if layer.has_boundary]
+        bias_grads[cost] = torch.stack([layer.bias.grad[4 * layer.hidden_size] for layer in layers])
+        with torch.no_grad():
+            out = model(batch["input"])
+        rates[cost] = sum(float(z.mean()) for z in out.rnn.z)
+    T = batch["target"].shape[1]
+    assert rates[0.0] == rates[0.3] > 0  # the forward is unchanged
+    assert losses[0.3] - losses[0.0] == pytest.approx(0.3 * rates[0.0] * T, rel=1e-9)
+    assert (bias_grads[0.3] > bias_grads[0.0]).all()  # gradient descent lowers every detector's bias
+    with pytest.raises(ValueError, match="boundary_cost must be >= 0"):
+        HMLSTMLanguageModel(**TINY, boundary_cost=-0.1)
+    with pytest.raises(ValueError, match="boundary_cost applies to cell='hmlstm' only"):
+        HMLSTMLanguageModel(cell="lstm", boundary_cost=0.1)

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import math
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,95 @@ def test_missing_data_without_network_names_files_and_directory(tmp_path):
     dm = PTBDataModule(data_dir=str(data_dir), download=False)
     with pytest.raises(FileNotFoundError, match=r"ptb\.char\.train\.txt.*download=False"):
         dm.prepare_data()
+
+
+def _phrases_of(lang: SyntheticLanguage, corpus) -> list[tuple[int, int]]:
+    """The recorded phrase sequence, checked against the text: each whole phrase's words fill its template
+    (or, with phrase_stop, a beginning of it of at least phrase_len[0] words). Returns (phrase, words) pairs."""
+    word_end, phrase_end = corpus.boundaries["word"].tolist(), corpus.boundaries["phrase"].tolist()
+    ids, start, k, lengths = [], 0, 0, []
+    for i, (w_end, p_end) in enumerate(zip(word_end, phrase_end)):
+        if not w_end:
+            continue
+        sep = lang.phrase_sep if p_end else lang.word_sep
+        ids.append(lang.words.index(corpus.text[start : i + 1 - len(sep)]))
+        start = i + 1
+        if p_end:
+            template = lang.phrases[corpus.phrases[k]]
+            full = len(ids) == len(template) or lang.phrase_stop > 0 and min(lang.min_words, len(template)) <= len(ids)
+            assert full and len(ids) <= len(template) and all(w in slot for w, slot in zip(ids, template))
+            lengths.append(len(ids))
+            ids, k = [], k + 1
+    assert k in (len(corpus.phrases), len(corpus.phrases) - 1)  # the last phrase may be cut off
+    return list(zip(corpus.phrases[:k], lengths))
+
+
+def test_markov_language_follows_its_successors_and_slot_choices():
+    lang = SyntheticLanguage(seed=5, word_sep=" ", phrase_sep=".", successors=2, slot_choices=3)
+    assert all(len(set(slot)) == 3 for t in lang.phrases for slot in t)
+    corpus = lang.sample(20_000, seed=1)
+    seq = [p for p, _ in _phrases_of(lang, corpus)]
+    assert len(seq) > 500
+    assert all(q in lang.successors[p] for p, q in zip(seq, seq[1:]))  # a Markov chain over its successors
+    assert len({(p, q) for p, q in zip(seq, seq[1:])}) > len(set(seq))  # and not a deterministic cycle
+    assert (corpus.boundaries["phrase"] <= corpus.boundaries["word"]).all()
+    for i in corpus.boundaries["word"].nonzero().flatten().tolist():
+        assert corpus.text[i] in " ."  # every word ends on its separator
+
+
+@pytest.mark.parametrize("options", [dict(), dict(successors=3, slot_choices=2, word_sep=" ", phrase_sep="."),
+                                     dict(successors=2, slot_choices=3, word_sep=" ", phrase_sep=".", prefix_words=10,
+                                          phrase_stop=0.3),
+                                     dict(successors=3, slot_choices=3, word_sep=" ", phrase_sep=".", prefix_words=10,
+                                          phrase_stop=0.3, next_by_last_word=True),
+                                     dict(successors=1)])
+def test_entropy_rate_matches_the_information_of_a_long_sample(options):
+    """The bits a sampled text carries, counted from its own phrase sequence, word choices and phrase lengths,
+    per character."""
+    lang = SyntheticLanguage(seed=2, **options)
+    corpus = lang.sample(150_000, seed=3)
+    seq = _phrases_of(lang, corpus)
+    P, s = lang.transition(), lang.phrase_stop
+    bits = 0.0 if lang.next_by_last_word else sum(-math.log2(P[p][q]) for (p, _), (q, _) in zip(seq, seq[1:]))
+    bits += sum(k * math.log2(len(lang.phrases[q][0])) for q, k in seq[1:])
+    for q, k in seq[1:]:  # each stop-or-go decision the phrase took
+        n, n0 = len(lang.phrases[q]), lang.min_words
+        bits += sum(-math.log2(1 - s) for _ in range(n0, k)) + (-math.log2(s) if k < n else 0.0)
+    chars = corpus.boundaries["phrase"].nonzero().flatten()
+    measured = bits / float(chars[-1] - chars[0])
+    if options.get("successors") == 1 and "slot_choices" not in options:
+        assert lang.entropy_rate() == 0.0 and measured == 0.0  # one successor, fixed words: nothing to predict
+    else:
+        assert lang.entropy_rate() == pytest.approx(measured, rel=0.03)
+
+
+def test_synthetic_language_rejects_bad_structure_options():
+    with pytest.raises(ValueError, match="successors"):
+        SyntheticLanguage(successors=0)
+    with pytest.raises(ValueError, match="slot_choices"):
+        SyntheticLanguage(slot_choices=41)
+    with pytest.raises(ValueError, match="phrase_stop"):
+        SyntheticLanguage(phrase_stop=1.0)
+    with pytest.raises(ValueError, match="prefix_words"):
+        SyntheticLanguage(prefix_words=3, word_len=(3, 3))
+
+
+def test_the_last_word_picks_the_next_phrase():
+    lang = SyntheticLanguage(seed=4, word_sep=" ", phrase_sep=".", successors=3, slot_choices=3, phrase_stop=0.3,
+                             next_by_last_word=True)
+    corpus = lang.sample(5000, seed=0)
+    seq = _phrases_of(lang, corpus)
+    ends = corpus.boundaries["phrase"].nonzero().flatten().tolist()
+    for (p, k), (q, _), end in zip(seq, seq[1:], ends):
+        last = corpus.text[: end].rsplit(" ", 1)[-1].rsplit(".", 1)[-1]  # the phrase's last word
+        choice = lang.phrases[p][k - 1].index(lang.words.index(last))
+        assert q == lang.successors[p][choice]
+    with pytest.raises(ValueError, match="next_by_last_word needs successors == slot_choices"):
+        SyntheticLanguage(successors=2, slot_choices=3, next_by_last_word=True)
+
+
+def test_prefix_words_begin_other_words():
+    lang = SyntheticLanguage(seed=1, num_words=30, prefix_words=12, word_len=(2, 5))
+    assert len(set(lang.words)) == 30 and all(2 <= len(w) <= 5 for w in lang.words)
+    extended = [w for w in lang.words if any(v != w and w.startswith(v) for v in lang.words)]
+    assert len(extended) >= 12

@@ -244,3 +244,47 @@ def test_half_precision_keeps_fp32_cell_and_stays_finite_over_10000_steps(backen
     assert out.state.c[0].dtype == torch.float32 and out.c[1].dtype == torch.float32
     assert out.h[0].dtype == torch.bfloat16
     assert all(bool(torch.isfinite(t).all()) for t in out.h + out.c + out.z)
+
+
+def _fire_always(layer, bias):
+    with torch.no_grad():
+        row = 4 * layer.hidden_size
+        for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
+            w[row].zero_()
+        layer.bias[row] = bias
+
+
+@pytest.mark.parametrize("value,bias", [(1.0, 10.0), (0.0, -10.0)])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_forced_boundaries_equal_detectors_that_give_the_same_z(value, bias, layer_norm):
+    """boundaries= replaces z: forcing all ones (zeros) equals detectors pinned to fire (never fire)."""
+    pinned, forced = small_model(layer_norm=layer_norm), small_model(layer_norm=layer_norm)
+    for layer in pinned.layers[:-1]:
+        _fire_always(layer, bias)
+    x = torch.randn(2, 6, 4, dtype=F64)
+    want = pinned(x)
+    got = forced(x, boundaries=torch.full((2, 2, 6), value, dtype=F64))
+    for a, b in zip(want.h + want.c + want.z, got.h + got.c + got.z):
+        torch.testing.assert_close(a, b)
+
+
+def test_forced_boundaries_drive_the_operations_and_give_the_detectors_no_gradient():
+    model = small_model(backend="cpp")  # any backend: forced boundaries run the reference loop
+    torch.manual_seed(1)
+    x = torch.randn(3, 9, 4, dtype=F64)
+    forced = (torch.rand(2, 3, 9) < 0.4).to(F64)
+    out = model(x, boundaries=forced)
+    for l in range(2):
+        torch.testing.assert_close(out.z[l], forced[l])
+    # layer 2 COPYs where layer 1 did not fire and layer 2 did not fire the step before
+    copy = (forced[0, :, 1:] == 0) & (forced[1, :, :-1] == 0)
+    h2 = out.h[1]
+    assert copy.any()
+    torch.testing.assert_close(h2[:, 1:][copy], h2[:, :-1][copy])
+    assert not torch.equal(h2[:, 1:][~copy], h2[:, :-1][~copy])
+    sum(h.sum() for h in out.h).backward()
+    layer = model.layers[0]
+    row = 4 * layer.hidden_size
+    assert layer.weight_hh.grad[row].abs().max() == 0 and layer.weight_hh.grad[:row].abs().max() > 0
+    with pytest.raises(ValueError, match=r"boundaries must be a tensor of shape \(L-1, B, T\) = \(2, 3, 9\)"):
+        model(x, boundaries=forced[:, :, :5])
