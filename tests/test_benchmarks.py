@@ -110,3 +110,27 @@ def test_graph_provider_needs_a_gpu_and_says_so():
     rec = run.measure("smoke", "hmlstm-reference-graph", "fw", run.Size(2, 3, 8), torch.float32,
                       torch.device("cpu"), 0.01)
     assert rec.median_s is None and "needs --device cuda" in rec.error
+
+
+def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeypatch):
+    from where_fired import main as where_main, position_classes
+
+    text = "ab c.de f."
+    word = torch.tensor([ch in " ." for ch in text])
+    phrase = torch.tensor([ch == "." for ch in text])
+    assert position_classes(word, phrase) == ["inner", "before_word", "word_sep", "before_phrase", "phrase_sep",
+                                              "phrase_first", "before_word", "word_sep", "before_phrase",
+                                              "phrase_sep"]
+    from hmlstm.cli import main as hmlstm_main
+
+    monkeypatch.chdir(tmp_path)
+    hmlstm_main(["fit", "--config", "synthetic.yaml", "--model.hidden_sizes", "[8,8,8]", "--model.output_size", "16",
+                 "--model.embed_size", "8", "--data.init_args.train_chars", "3000", "--data.init_args.val_chars",
+                 "600", "--data.init_args.test_chars", "600", "--data.init_args.batch_size", "4",
+                 "--data.init_args.seq_len", "20", "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "lightning_logs" / "csv" / "version_0"  # the CLI's default logger, under the working directory
+    where_main([str(run), "--chars", "500", "--out", str(tmp_path / "w.json")])
+    result = json.loads((tmp_path / "w.json").read_text())
+    assert len(result["layers"]) == 2 and sum(result["counts"].values()) == 500
+    assert all(0.0 <= v <= 1.0 for layer in result["layers"] for v in layer["fired"].values())

@@ -1,0 +1,108 @@
+"""Where a trained model's boundaries fall, by position class, on the validation text of its synthetic run.
+
+    python benchmarks/where_fired.py RUN_DIR [--chars 20000] [--out where.json]
+
+RUN_DIR is a `hmlstm fit` log folder (lightning_logs/csv/version_N: config.yaml and checkpoints/last.ckpt) of a
+run on `SyntheticDataModule`. Every validation character gets one class, by the true segment ends around it:
+
+    phrase_sep      the separator that closes a phrase (a boundary of both levels)
+    word_sep        the separator that closes a word inside a phrase
+    before_phrase   the character just before a phrase_sep (the phrase's last letter)
+    before_word     the character just before a word_sep
+    phrase_first    the first character of a phrase
+    word_first      the first character of a word inside a phrase
+    inner           every other character
+
+and the table gives, per layer, the fraction of each class on which that layer fired. The F1 of the logs counts
+hits on the separators only (`hmlstm.metrics`); this table tells a boundary that is missing from one that is one
+character early (before_*) or late (*_first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from hmlstm.data import SyntheticDataModule
+from hmlstm.training import HMLSTMLanguageModel
+
+CLASSES = ("phrase_sep", "word_sep", "before_phrase", "before_word", "phrase_first", "word_first", "inner")
+
+
+def position_classes(word: torch.Tensor, phrase: torch.Tensor) -> list[str]:
+    """word, phrase: (N,) bool true segment ends -> the class of every position (see the module docstring)."""
+    n = len(word)
+    out = []
+    for i in range(n):
+        if phrase[i]:
+            out.append("phrase_sep")
+        elif word[i]:
+            out.append("word_sep")
+        elif i + 1 < n and phrase[i + 1]:
+            out.append("before_phrase")
+        elif i + 1 < n and word[i + 1]:
+            out.append("before_word")
+        elif i > 0 and phrase[i - 1]:
+            out.append("phrase_first")
+        elif i > 0 and word[i - 1]:
+            out.append("word_first")
+        else:
+            out.append("inner")
+    return out
+
+
+def where_fired(run_dir: str | Path, chars: int = 20_000) -> dict:
+    run_dir = Path(run_dir)
+    model = HMLSTMLanguageModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    model.eval()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = config["data"]
+    if not data["class_path"].endswith("SyntheticDataModule"):
+        raise ValueError(f"{run_dir} trained on {data['class_path']}: this table needs SyntheticDataModule's "
+                         f"true word and phrase ends")
+    dm = SyntheticDataModule(**data.get("init_args", {}))
+    dm.setup()
+    corpus = dm._corpora["val"]
+    text = corpus.text[:chars]
+    ids = torch.tensor(model.vocab.encode(text), dtype=torch.long)[None]
+    with torch.no_grad():
+        out = model.net(ids, slope=model.slope)
+    classes = position_classes(corpus.boundaries["word"][: len(text)], corpus.boundaries["phrase"][: len(text)])
+    result = {"run": str(run_dir), "chars": len(text), "counts": {c: classes.count(c) for c in CLASSES},
+              "layers": []}
+    for z in out.rnn.z:
+        fired = z[0] > 0.5
+        by_class = {}
+        for c in CLASSES:
+            idx = torch.tensor([i for i, k in enumerate(classes) if k == c], dtype=torch.long)
+            by_class[c] = float(fired[idx].float().mean()) if len(idx) else float("nan")
+        result["layers"].append({"rate": float(fired.float().mean()), "fired": by_class})
+    return result
+
+
+def table(result: dict) -> str:
+    cols = ["layer", "rate"] + list(CLASSES)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for k, layer in enumerate(result["layers"], start=1):
+        lines.append(f"| {k} | {layer['rate']:.3f} | " + " | ".join(f"{layer['fired'][c]:.3f}" for c in CLASSES) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--chars", type=int, default=20_000)
+    parser.add_argument("--out", help="write the JSON here")
+    args = parser.parse_args(argv)
+    result = where_fired(args.run_dir, args.chars)
+    print(table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
