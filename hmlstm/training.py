@@ -60,6 +60,12 @@ __all__ = ["HMLSTMLanguageModel", "NonFiniteLossError", "SlopeAnnealing", "Atomi
            "describe_checkpoint_problem", "export_weights", "CHECKPOINT_FORMAT"]
 
 
+def _costs(boundary_cost: float | Sequence[float]) -> list[float]:
+    """boundary_cost as a list of floats ([c] for one value); [] when every cost is 0 (the charge is off)."""
+    costs = [float(boundary_cost)] if isinstance(boundary_cost, (int, float)) else [float(c) for c in boundary_cost]
+    return costs if any(c != 0 for c in costs) else []
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step and where it started."""
 
@@ -98,9 +104,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias).
         adam_beta2, weight_decay: Adam's beta2 (the authors' code: 0.99) and L2 weight decay.
         boundary_cost: a charge, in nats per character, for every boundary a detector fires during training:
-            the loss adds boundary_cost * sum_l mean(z^l), whose straight-through gradient pushes every detector
-            toward firing less, so that a boundary survives only where it lowers the NLL by more than it costs
-            (an update budget; not in the paper, whose forward it leaves unchanged). 0 turns it off.
+            the loss adds sum_l cost_l * mean(z^l), whose straight-through gradient pushes every detector toward
+            firing less, so that a boundary survives only where it lowers the NLL by more than it costs (an
+            update budget; not in the paper, whose forward it leaves unchanged). One float for every layer, or a
+            list with one per boundary layer (L - 1); 0 turns it off.
         oracle_boundaries: the true segment ends replace the boundary detectors' z in every stage (layer k gets
             level k of the data's boundaries, `hmlstm.synthetic.LEVELS`: words, then phrases). A diagnostic, not
             the paper's model: the BPC an HM-LSTM would reach if its layers found the structure, to hold a learned
@@ -127,7 +134,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
                  boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0,
-                 boundary_cost: float = 0.0, oracle_boundaries: bool = False) -> None:
+                 boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -140,7 +147,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if not 0 <= adam_beta2 < 1 or weight_decay < 0:
             raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
         hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
-                   "oracle_boundaries": oracle_boundaries or None, "boundary_cost": boundary_cost or None}
+                   "oracle_boundaries": oracle_boundaries or None}
         given = [k for k, v in hm_only.items() if v is not None]
         if cell == "lstm" and given:
             raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
@@ -149,10 +156,16 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if cell == "lstm" and boundary_bias is not None:
             # an initialization of units the LSTM does not have (default.yaml sets it for the HM-LSTM): said, not fatal
             rank_zero_warn(f"boundary_bias={boundary_bias} is unused: cell='lstm' has no boundary units")
+        if cell == "lstm" and _costs(boundary_cost):
+            # synthetic.yaml sets it for the HM-LSTM: the LSTM baseline stays one flag apart
+            rank_zero_warn(f"boundary_cost={boundary_cost} is unused: cell='lstm' has no boundaries to charge")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if not boundary_cost >= 0:
+        if not all(c >= 0 for c in _costs(boundary_cost) or [0.0]):
             raise ValueError(f"boundary_cost must be >= 0 (nats per boundary and character), got {boundary_cost}")
+        if not isinstance(boundary_cost, (int, float)) and len(boundary_cost) != max(len(hidden_sizes) - 1, 0):
+            raise ValueError(f"boundary_cost as a list needs one value per boundary layer (L - 1 = "
+                             f"{len(hidden_sizes) - 1}), got {len(boundary_cost)}: {list(boundary_cost)}")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
         self.save_hyperparameters()
@@ -260,9 +273,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
         loss = nll
-        cost = self.hparams.get("boundary_cost", 0.0)
-        if stage == "train" and cost and out.rnn.z:
-            charged = cost * sum(z.mean() for z in out.rnn.z)
+        costs = _costs(self.hparams.get("boundary_cost", 0.0))
+        if stage == "train" and costs and out.rnn.z:
+            costs = costs * len(out.rnn.z) if len(costs) == 1 else costs
+            charged = sum(c * z.mean() for c, z in zip(costs, out.rnn.z))
             self.log("train/boundary_cost", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
             loss = loss + charged
         if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":

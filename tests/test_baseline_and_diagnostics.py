@@ -229,5 +229,25 @@ def test_boundary_cost_charges_each_boundary_and_pushes_the_detectors_down(backe
     assert (bias_grads[0.3] > bias_grads[0.0]).all()  # gradient descent lowers every detector's bias
     with pytest.raises(ValueError, match="boundary_cost must be >= 0"):
         HMLSTMLanguageModel(**TINY, boundary_cost=-0.1)
-    with pytest.raises(ValueError, match="boundary_cost applies to cell='hmlstm' only"):
-        HMLSTMLanguageModel(cell="lstm", boundary_cost=0.1)
+    with pytest.warns(UserWarning, match="boundary_cost=0.1 is unused"):
+        HMLSTMLanguageModel(cell="lstm", boundary_cost=0.1)  # synthetic.yaml sets it: --model.cell lstm still works
+    with pytest.raises(ValueError, match=r"one value per boundary layer \(L - 1 = 2\), got 3"):
+        HMLSTMLanguageModel(**TINY, boundary_cost=[0.1, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_boundary_cost_per_layer_charges_each_layer_its_own(layer):
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    costs = [0.0, 0.0]
+    costs[layer] = 0.2
+    model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars, boundary_cost=costs, boundary_bias=0.2).double()
+    model.log = lambda *a, **k: None
+    loss = model._shared_step(batch, "train")
+    with torch.no_grad():
+        out = model(batch["input"])
+        nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch["target"].flatten())
+    assert float(out.rnn.z[0].mean()) != float(out.rnn.z[1].mean())  # the two charges differ
+    assert float(loss - nll) == pytest.approx(0.2 * float(out.rnn.z[layer].mean()), rel=1e-9)
