@@ -53,6 +53,7 @@ from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
 from .run_state import ResumableRun
 from .state import HMLSTMOutput, HMLSTMState
+from .synthetic import LEVELS
 
 LN2 = math.log(2)
 # Re-exported: the names users and the CLI import from here.
@@ -93,8 +94,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             global step and the first layer whose h or c went non-finite, and at which time step) or "skip"
             (skip that batch's update, restart the carried state, count it in `train/skipped_batches`).
         cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
-            embedding, output module and training; it refuses the HM-only options boundary, copy_boundary and
-            boundary_norm_cap, and warns that boundary_bias (which default.yaml sets) is unused.
+            embedding, output module and training; it refuses the HM-only options boundary, copy_boundary,
+            boundary_norm_cap and oracle_boundaries, and warns that boundary_bias (which default.yaml sets) and
+            boundary_cost (which synthetic.yaml sets) are unused.
         loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
             summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
             meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
@@ -102,6 +104,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         boundary_norm_cap: after every update, scale each of a boundary unit's weight vectors (its row of
             weight_ih, weight_hh, weight_td) down to this norm where it is longer (the authors' code: 1.9365).
         boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias).
+        boundary_zero_init: start the boundary units' weight rows (input, recurrent, top-down) at 0, so that every
+            detector starts at the same pre-activation (its bias) at every step and the gradient, not the random
+            initialization, decides where it fires first.
         adam_beta2, weight_decay: Adam's beta2 (the authors' code: 0.99) and L2 weight decay.
         boundary_cost: a charge, in nats per character, for every boundary a detector fires during training:
             the loss adds sum_l cost_l * mean(z^l), whose straight-through gradient pushes every detector toward
@@ -134,7 +139,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
                  boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0,
-                 boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False) -> None:
+                 boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
+                 boundary_zero_init: bool = False) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -147,7 +153,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if not 0 <= adam_beta2 < 1 or weight_decay < 0:
             raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
         hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
-                   "oracle_boundaries": oracle_boundaries or None}
+                   "oracle_boundaries": oracle_boundaries or None, "boundary_zero_init": boundary_zero_init or None}
         given = [k for k, v in hm_only.items() if v is not None]
         if cell == "lstm" and given:
             raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
@@ -201,6 +207,12 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 for layer in self.net.rnn.layers:
                     if layer.has_boundary:
                         layer.bias[4 * layer.hidden_size] = hp.boundary_bias
+        if cell == "hmlstm" and hp.get("boundary_zero_init", False):
+            with torch.no_grad():
+                for layer in self.net.rnn.layers:
+                    if layer.has_boundary:
+                        for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
+                            w[4 * layer.hidden_size].zero_()
         hp.vocab = vocab.chars
 
     def configure_model(self) -> None:
@@ -287,8 +299,6 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         """(L-1, B, T) true boundaries for oracle_boundaries, else None."""
         if not self.hparams.get("oracle_boundaries", False):
             return None
-        from .synthetic import LEVELS
-
         wanted = [f"boundary/{LEVELS[k]}" if k < len(LEVELS) else f"boundary/(level {k + 1})"
                   for k in range(self.net.rnn.num_layers - 1)]
         missing = [k for k in wanted if k not in batch]

@@ -132,6 +132,17 @@ def test_boundary_norm_cap_and_bias_initialization(tmp_path):
             assert float(layer.weight_hh[0].norm()) > 0.05  # other rows untouched
     with pytest.raises(ValueError, match="boundary_norm_cap"):
         HMLSTMLanguageModel(**TINY, boundary_norm_cap=0.0)
+    zero = HMLSTMLanguageModel(**TINY, boundary_zero_init=True, boundary_bias=0.3)
+    zero._build(tiny_data().vocab)
+    for layer in zero.net.rnn.layers[:-1]:
+        row = 4 * layer.hidden_size
+        assert all(float(w[row].abs().max()) == 0 and float(w[:row].abs().max()) > 0
+                   for w in (layer.weight_ih, layer.weight_hh, layer.weight_td))
+    with torch.no_grad():  # every detector starts at its bias: the same z at every step
+        out = zero.net(torch.randint(0, len(zero.vocab), (2, 9)))
+    assert all(bool((z == 1).all()) for z in out.rnn.z)
+    with pytest.raises(ValueError, match="boundary_zero_init applies to cell='hmlstm' only"):
+        HMLSTMLanguageModel(cell="lstm", boundary_zero_init=True)
     with pytest.raises(ValueError, match="loss_reduction"):
         HMLSTMLanguageModel(**TINY, loss_reduction="sum")
 
