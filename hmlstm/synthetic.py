@@ -5,7 +5,7 @@ is a random sequence of phrases. Everything is drawn from a seed, so the true wo
 known exactly: an HM-LSTM's first layer should find the word ends, the second the phrase ends (see
 `hmlstm.metrics.boundary_f1`).
 
-Two options decide whether the structure carries information a language model can use (both off gives the
+These options decide whether the structure carries information a language model can use (all off gives the
 first version of this language, whose phrases are i.i.d. with Zipf-like frequencies and fixed words):
 
 - `successors=k`: the phrases form a Markov chain, each phrase followed by one of k phrases of its own, so
@@ -109,11 +109,11 @@ class SyntheticLanguage:
             if w not in seen:
                 seen.add(w)
                 words.append(w)
+        bases = [w for w in words if len(w) < word_len[1]]
+        if prefix_words and not bases:
+            raise ValueError(f"prefix_words={prefix_words}: every other word has the longest length {word_len[1]}, "
+                             f"so none can be extended; use more words or a wider word_len")
         while len(words) < num_words:
-            bases = [w for w in words if len(w) < word_len[1]]
-            if not bases:  # every base word is at the longest length: one is shortened to make room
-                words[0] = words[0][:-1]
-                continue
             base = rng.choice(bases)
             w = base + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, min(2, word_len[1] - len(base)))))
             if w not in seen:
@@ -199,7 +199,7 @@ class SyntheticLanguage:
             drawn.append(p)
             length = len(phrase)
             if self.phrase_stop > 0:
-                length = self.min_words if self.min_words < len(phrase) else len(phrase)
+                length = min(self.min_words, len(phrase))
                 while length < len(phrase) and rng.random() >= self.phrase_stop:
                     length += 1
             for k, slot in enumerate(phrase[:length]):

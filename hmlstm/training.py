@@ -48,23 +48,17 @@ from .checkpoint import (
     without_instantiator,
 )
 from .data import Vocabulary
+from .boundary_options import boundary_charge, cap_detector_norms, init_detectors, oracle_boundaries, parse_costs
 from .diagnostics import boundary_grad_norms, first_nonfinite
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
 from .run_state import ResumableRun
 from .state import HMLSTMOutput, HMLSTMState
-from .synthetic import LEVELS
 
 LN2 = math.log(2)
 # Re-exported: the names users and the CLI import from here.
 __all__ = ["HMLSTMLanguageModel", "NonFiniteLossError", "SlopeAnnealing", "AtomicCheckpointIO", "CheckpointError",
            "describe_checkpoint_problem", "export_weights", "CHECKPOINT_FORMAT"]
-
-
-def _costs(boundary_cost: float | Sequence[float]) -> list[float]:
-    """boundary_cost as a list of floats ([c] for one value); [] when every cost is 0 (the charge is off)."""
-    costs = [float(boundary_cost)] if isinstance(boundary_cost, (int, float)) else [float(c) for c in boundary_cost]
-    return costs if any(c != 0 for c in costs) else []
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -162,19 +156,16 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if cell == "lstm" and boundary_bias is not None:
             # an initialization of units the LSTM does not have (default.yaml sets it for the HM-LSTM): said, not fatal
             rank_zero_warn(f"boundary_bias={boundary_bias} is unused: cell='lstm' has no boundary units")
-        if cell == "lstm" and _costs(boundary_cost):
+        costs = parse_costs(boundary_cost, len(hidden_sizes))  # checked here: a bad value fails before training
+        if cell == "lstm" and costs:
             # synthetic.yaml sets it for the HM-LSTM: the LSTM baseline stays one flag apart
             rank_zero_warn(f"boundary_cost={boundary_cost} is unused: cell='lstm' has no boundaries to charge")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if not all(c >= 0 for c in _costs(boundary_cost) or [0.0]):
-            raise ValueError(f"boundary_cost must be >= 0 (nats per boundary and character), got {boundary_cost}")
-        if not isinstance(boundary_cost, (int, float)) and len(boundary_cost) != max(len(hidden_sizes) - 1, 0):
-            raise ValueError(f"boundary_cost as a list needs one value per boundary layer (L - 1 = "
-                             f"{len(hidden_sizes) - 1}), got {len(boundary_cost)}: {list(boundary_cost)}")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
         self.save_hyperparameters()
+        self._costs = costs if cell == "hmlstm" else []  # one per boundary layer; [] when off
         # The slope of the boundary detector's hard sigmoid; set by SlopeAnnealing at each epoch start. A
         # buffer, so validate/test/generate from a checkpoint use the slope the weights were trained with.
         self.register_buffer("slope", torch.tensor(1.0))
@@ -202,17 +193,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             options.update(boundary=hp.boundary or "step", copy_boundary=hp.copy_boundary or "hold")
         self.net = CharLM(len(vocab), tuple(hp.hidden_sizes), embed_size=hp.embed_size, output_size=hp.output_size,
                           cell=cell, **options)
-        if cell == "hmlstm" and hp.get("boundary_bias") is not None:
-            with torch.no_grad():
-                for layer in self.net.rnn.layers:
-                    if layer.has_boundary:
-                        layer.bias[4 * layer.hidden_size] = hp.boundary_bias
-        if cell == "hmlstm" and hp.get("boundary_zero_init", False):
-            with torch.no_grad():
-                for layer in self.net.rnn.layers:
-                    if layer.has_boundary:
-                        for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
-                            w[4 * layer.hidden_size].zero_()
+        if cell == "hmlstm":
+            init_detectors(self.net.rnn, hp.get("boundary_bias"), hp.get("boundary_zero_init", False))
         hp.vocab = vocab.chars
 
     def configure_model(self) -> None:
@@ -256,7 +238,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 and self.hparams.get("cell", "hmlstm") == "hmlstm":
             # its gradient is dL/dz (HMLSTM.forward): the diagnostics read it in on_after_backward
             self._probe = torch.zeros(self.net.rnn.num_layers - 1, *x.shape, device=x.device, requires_grad=True)
-        out = self(x, state, probe=self._probe, boundaries=self._oracle(batch))
+        forced = None
+        if self.hparams.get("oracle_boundaries", False):
+            forced = oracle_boundaries(batch, self.net.rnn.num_layers)
+        out = self(x, state, probe=self._probe, boundaries=forced)
         self._states[stage] = out.rnn.state.detach()  # truncated BPTT: continue the streams, cut the graph
         logits = out.logits.float() if out.logits.dtype in (torch.float16, torch.bfloat16) else out.logits
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -285,27 +270,13 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
         loss = nll
-        costs = _costs(self.hparams.get("boundary_cost", 0.0))
-        if stage == "train" and costs and out.rnn.z:
-            costs = costs * len(out.rnn.z) if len(costs) == 1 else costs
-            charged = sum(c * z.mean() for c, z in zip(costs, out.rnn.z))
+        if stage == "train" and self._costs:
+            charged = boundary_charge(out.rnn.z, self._costs)
             self.log("train/boundary_cost", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
             loss = loss + charged
         if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":
             return loss * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
         return loss
-
-    def _oracle(self, batch: dict[str, Tensor]) -> Optional[Tensor]:
-        """(L-1, B, T) true boundaries for oracle_boundaries, else None."""
-        if not self.hparams.get("oracle_boundaries", False):
-            return None
-        wanted = [f"boundary/{LEVELS[k]}" if k < len(LEVELS) else f"boundary/(level {k + 1})"
-                  for k in range(self.net.rnn.num_layers - 1)]
-        missing = [k for k in wanted if k not in batch]
-        if missing:
-            raise ValueError(f"oracle_boundaries needs the batch to carry {', '.join(wanted)} (a data module with "
-                             f"true boundaries, such as SyntheticDataModule); missing: {', '.join(missing)}")
-        return torch.stack([batch[k] for k in wanted]).float()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Optional[Tensor]:
         self._chars += batch["target"].numel()
@@ -335,15 +306,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         """Lightning's step, then the boundary weight-norm cap (`boundary_norm_cap`) when it is set."""
         super().optimizer_step(*args, **kwargs)
         cap = self.hparams.get("boundary_norm_cap")
-        if cap is None or self.net is None or self.hparams.get("cell", "hmlstm") != "hmlstm":
-            return
-        with torch.no_grad():
-            for layer in self.net.rnn.layers:
-                if not layer.has_boundary:
-                    continue
-                for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
-                    row = w[4 * layer.hidden_size]
-                    row.mul_((cap / row.norm().clamp_min(1e-12)).clamp(max=1.0))
+        if cap is not None and self.net is not None and self.hparams.get("cell", "hmlstm") == "hmlstm":
+            cap_detector_norms(self.net.rnn, cap)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the 2-norm of all gradients before clipping (Lightning clips after this hook, and unscales AMP

@@ -314,7 +314,8 @@ class SyntheticDataModule(CharDataModule):
     def __init__(self, seed: int = 0, train_chars: int = 200_000, val_chars: int = 20_000, test_chars: int = 20_000,
                  num_words: int = 40, num_phrases: int = 24, word_sep: str = "", phrase_sep: str = " ",
                  successors: Optional[int] = None, slot_choices: int = 1, prefix_words: int = 0,
-                 phrase_stop: float = 0.0, next_by_last_word: bool = False, batch_size: int = 32, seq_len: int = 100, eval_batch_size: Optional[int] = None) -> None:
+                 phrase_stop: float = 0.0, next_by_last_word: bool = False, batch_size: int = 32,
+                 seq_len: int = 100, eval_batch_size: Optional[int] = None) -> None:
         super().__init__(batch_size, seq_len, eval_batch_size)
         self.language = SyntheticLanguage(seed, num_words=num_words, num_phrases=num_phrases, word_sep=word_sep,
                                           phrase_sep=phrase_sep, successors=successors, slot_choices=slot_choices,
