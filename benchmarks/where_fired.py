@@ -1,6 +1,6 @@
 """Where a trained model's boundaries fall, by position class, on the validation text of its synthetic run.
 
-    python benchmarks/where_fired.py RUN_DIR [--chars 20000] [--out where.json]
+    python benchmarks/where_fired.py RUN_DIR [--chars 20000] [--at-init] [--out where.json]
 
 RUN_DIR is a `hmlstm fit` log folder (lightning_logs/csv/version_N: config.yaml and checkpoints/last.ckpt) of a
 run on `SyntheticDataModule`. Every validation character gets one class, by the true segment ends around it:
@@ -16,6 +16,11 @@ run on `SyntheticDataModule`. Every validation character gets one class, by the 
 and the table gives, per layer, the fraction of each class on which that layer fired. The F1 of the logs counts
 hits on the separators only (`hmlstm.metrics`); this table tells a boundary that is missing from one that is one
 character early (before_*) or late (*_first).
+
+With --at-init the table is that of the run's model before its first step: the same configuration and seed
+(`seed_everything` of its config.yaml) rebuild the weights it started from, bit for bit. It shows what the
+random initialization handed the training: on the synthetic language, whether a run's layer 1 ends up firing on
+the word separators was already decided there (docs/results.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -55,9 +61,27 @@ def position_classes(word: torch.Tensor, phrase: torch.Tensor) -> list[str]:
     return out
 
 
-def where_fired(run_dir: str | Path, chars: int = 20_000) -> dict:
+def initial_model(run_dir: str | Path, trained: HMLSTMLanguageModel) -> HMLSTMLanguageModel:
+    """The run's model before its first step: its config.yaml's model arguments and seed, `trained`'s vocabulary.
+
+    The training CLI seeds every generator, then builds the network once the data module has given the
+    vocabulary; seeding and building with the same vocabulary here draws the same weights (tested)."""
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    seed = config.get("seed_everything")
+    if not isinstance(seed, int):
+        raise ValueError(f"{run_dir}/config.yaml has seed_everything: {seed!r}; the initial weights of a run "
+                         f"can be rebuilt only from an integer seed")
+    pl.seed_everything(seed, verbose=False)
+    args = {k: v for k, v in config["model"].items() if k != "vocab"}
+    return HMLSTMLanguageModel(vocab=trained.vocab.chars, **args)
+
+
+def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False) -> dict:
+    """The table's numbers as JSON: per layer the overall rate and the fraction fired in each class."""
     run_dir = Path(run_dir)
     model = HMLSTMLanguageModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    if at_init:
+        model = initial_model(run_dir, model)
     model.eval()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     data = config["data"]
@@ -68,11 +92,11 @@ def where_fired(run_dir: str | Path, chars: int = 20_000) -> dict:
     dm.setup()
     corpus = dm._corpora["val"]
     text = corpus.text[:chars]
-    ids = torch.tensor(model.vocab.encode(text), dtype=torch.long)[None]
+    ids = model.vocab.encode(text)[None]  # (1, N) int64
     with torch.no_grad():
         out = model.net(ids, slope=model.slope)
     classes = position_classes(corpus.boundaries["word"][: len(text)], corpus.boundaries["phrase"][: len(text)])
-    result = {"run": str(run_dir), "chars": len(text), "counts": {c: classes.count(c) for c in CLASSES},
+    result = {"run": str(run_dir), "at_init": at_init, "chars": len(text), "counts": {c: classes.count(c) for c in CLASSES},
               "layers": []}
     for z in out.rnn.z:
         fired = z[0] > 0.5
@@ -96,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--chars", type=int, default=20_000)
+    parser.add_argument("--at-init", action="store_true", help="the run's model before its first step")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
-    result = where_fired(args.run_dir, args.chars)
+    result = where_fired(args.run_dir, args.chars, args.at_init)
     print(table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -134,3 +134,27 @@ def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeyp
     result = json.loads((tmp_path / "w.json").read_text())
     assert len(result["layers"]) == 2 and sum(result["counts"].values()) == 500
     assert all(0.0 <= v <= 1.0 for layer in result["layers"] for v in layer["fired"].values())
+
+
+def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, monkeypatch):
+    """--at-init: the run's seed and config draw the weights its training started from. A run whose one step
+    moves nothing measurable (lr 1e-30) checkpoints its initial weights; the rebuilt model must equal them."""
+    from where_fired import initial_model, main as where_main
+    from hmlstm.cli import main as hmlstm_main
+    from hmlstm.training import HMLSTMLanguageModel
+
+    monkeypatch.chdir(tmp_path)
+    hmlstm_main(["fit", "--config", "synthetic.yaml", "--seed_everything", "7", "--model.hidden_sizes", "[8,8,8]",
+                 "--model.output_size", "16", "--model.embed_size", "8", "--model.lr", "1e-30",
+                 "--data.init_args.train_chars", "3000", "--data.init_args.val_chars", "600",
+                 "--data.init_args.test_chars", "600", "--data.init_args.batch_size", "4",
+                 "--data.init_args.seq_len", "20", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "lightning_logs" / "csv" / "version_0"
+    trained = HMLSTMLanguageModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    rebuilt = dict(initial_model(run, trained).named_parameters())
+    for name, p in trained.named_parameters():
+        # atol: the one Adam step of 1e-30 moves a weight that starts at exactly 0; any other seed moves all
+        assert torch.allclose(rebuilt[name], p, rtol=0, atol=1e-20), name
+    where_main([str(run), "--chars", "300", "--at-init", "--out", str(tmp_path / "w.json")])
+    assert json.loads((tmp_path / "w.json").read_text())["at_init"] is True
