@@ -18,7 +18,7 @@ hits on the separators only (`hmlstm.metrics`); this table tells a boundary that
 character early (before_*) or late (*_first).
 
 With --at-init the table is that of the run's model before its first step: the same configuration and seed
-(`seed_everything` of its config.yaml) rebuild the weights it started from, bit for bit. It shows what the
+(`seed_everything` of its config.yaml) rebuild the weights it started from (tested). It shows what the
 random initialization handed the training: on the synthetic language, whether a run's layer 1 ends up firing on
 the word separators was already decided there (docs/results.md).
 """
@@ -96,8 +96,8 @@ def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False)
     with torch.no_grad():
         out = model.net(ids, slope=model.slope)
     classes = position_classes(corpus.boundaries["word"][: len(text)], corpus.boundaries["phrase"][: len(text)])
-    result = {"run": str(run_dir), "at_init": at_init, "chars": len(text), "counts": {c: classes.count(c) for c in CLASSES},
-              "layers": []}
+    result = {"run": str(run_dir), "at_init": at_init, "chars": len(text),
+              "counts": {c: classes.count(c) for c in CLASSES}, "layers": []}
     for z in out.rnn.z:
         fired = z[0] > 0.5
         by_class = {}
