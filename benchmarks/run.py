@@ -67,7 +67,7 @@ def suites(device: str, ckpt: Optional[str] = None) -> dict[str, list[Size]]:
         "steps": [Size(64, t, 512) for t in (100, 1000)],
         "copy": [Size(64, 100, 512, rate=r) for r in (1.0, 0.5, 0.2, 0.05)],
         # tiny sizes: checks that the harness runs end to end (tests), not a measurement
-        "smoke": [Size(2, 5, 16), Size(2, 5, 16, rate=1.0), Size(2, 5, 16, rate=0.5)],
+        "smoke": [Size(2, 3, 16), Size(2, 3, 16, rate=1.0), Size(2, 3, 16, rate=0.5)],
     }
 
 

@@ -1,5 +1,7 @@
-"""The `hmlstm` command end to end, in subprocesses, on a tiny corpus: fit, validate, generate, boundaries,
-export."""
+"""The `hmlstm` command end to end on a tiny corpus: fit, validate, generate, boundaries, export. `fit` runs
+through the console entry (`python -m hmlstm.cli`) in a subprocess, and so does one error, whose message must
+come without a traceback; the other commands run in this process (tests/cli_run.py), which saves 10 s of
+imports each."""
 
 import csv
 import os
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import assert_ok, run_cli
 from hmlstm.cli import _with_configs, shipped_config
 
 TINY_MODEL = ["--model.hidden_sizes", "[8, 8]", "--model.embed_size", "8", "--model.output_size", "16",
@@ -41,7 +44,7 @@ def test_shipped_configs_and_default():
 
 
 @pytest.mark.slow
-def test_cli_fit_validate_generate_boundaries(tmp_path):
+def test_cli_fit_validate_generate_boundaries(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("the cat sat on the mat. a dog ran to the cat. " * 120)  # 5,520 characters
     data = ["--data", "hmlstm.data.TextDataModule", "--data.path", str(corpus), "--data.batch_size", "4",
@@ -55,33 +58,37 @@ def test_cli_fit_validate_generate_boundaries(tmp_path):
     assert ckpt.is_file()
     fit_bpc = last_value(run / "metrics.csv", "val/bpc")
 
+    # the rest in this process, in the same folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("HMLSTM_TRACEBACK", raising=False)
+
     # validate from the checkpoint: the model's arguments come from the checkpoint, not the command line
-    hmlstm(["validate", *data, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert_ok(run_cli(["validate", *data, "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "false"],
+                      capsys))
     val_bpc = last_value(tmp_path / "lightning_logs" / "csv" / "version_1" / "metrics.csv", "val/bpc")
     assert val_bpc == pytest.approx(fit_bpc, rel=1e-5)
     assert last_value(run / "metrics.csv", "train/grad_norm_max") > 0
 
     # export: the model alone validates to the same BPC; resuming training from it fails with a one-line error
     weights = tmp_path / "weights.ckpt"
-    assert "wrote" in hmlstm(["export", "--ckpt_path", str(ckpt), "--out", str(weights)], tmp_path)
-    hmlstm(["validate", *data, "--ckpt_path", str(weights), "--trainer.enable_progress_bar", "false"], tmp_path)
+    assert "wrote" in assert_ok(run_cli(["export", "--ckpt_path", str(ckpt), "--out", str(weights)], capsys))
+    assert_ok(run_cli(["validate", *data, "--ckpt_path", str(weights), "--trainer.enable_progress_bar", "false"],
+                      capsys))
     exported_bpc = last_value(tmp_path / "lightning_logs" / "csv" / "version_2" / "metrics.csv", "val/bpc")
     assert exported_bpc == pytest.approx(fit_bpc, rel=1e-5)
-    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", "fit", *data, "--ckpt_path", str(weights),
-                           "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"], cwd=tmp_path,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode != 0 and "cannot resume training" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    refused = run_cli(["fit", *data, "--ckpt_path", str(weights), "--trainer.max_epochs", "3",
+                       "--trainer.enable_progress_bar", "false"], capsys)
+    assert refused.returncode != 0 and "cannot resume training" in refused.stderr, refused.stderr[-2000:]
 
-    text = hmlstm(["generate", "--ckpt_path", str(ckpt), "--prompt", "the ", "--length", "37",
-                   "--temperature", "0.7"], tmp_path)
+    text = assert_ok(run_cli(["generate", "--ckpt_path", str(ckpt), "--prompt", "the ", "--length", "37",
+                              "--temperature", "0.7"], capsys))
     assert text.startswith("the ") and text.endswith("\n")
     assert len(text) == len("the ") + 37 + 1
 
     png = tmp_path / "b.png"
-    out = hmlstm(["boundaries", "--ckpt_path", str(ckpt), "--text", "the cat sat on the mat", "--out", str(png)],
-                 tmp_path)
+    out = assert_ok(run_cli(["boundaries", "--ckpt_path", str(ckpt), "--text", "the cat sat on the mat", "--out",
+                             str(png)], capsys))
     assert "layer 1" in out and "F1" in out
     assert "tolerance 0:" in out and "tolerance 1:" in out  # the headline and the one beside it
     import matplotlib.image
@@ -90,7 +97,13 @@ def test_cli_fit_validate_generate_boundaries(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 100
 
 
-def test_cli_errors_are_clear(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", "generate", "--ckpt_path", str(tmp_path / "no.ckpt")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "no such checkpoint file" in proc.stderr
+def test_cli_errors_are_clear(tmp_path, capsys):
+    # through the interpreter: a bad value that fails inside Lightning's instantiation (a ValueError) ends the
+    # process with a one-line message, no traceback
+    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", "fit", "--slope.start", "-1", "--trainer.logger",
+                           "false"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "HMLSTM_TRACEBACK"})
+    assert proc.returncode != 0 and "hmlstm: error" in proc.stderr, proc.stderr[-2000:]
+    assert "slope start must be > 0, got -1.0" in proc.stderr and "Traceback" not in proc.stderr
+    missing = run_cli(["generate", "--ckpt_path", str(tmp_path / "no.ckpt")], capsys)
+    assert missing.returncode != 0 and "no such checkpoint file" in missing.stderr

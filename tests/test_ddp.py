@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from cli_run import run_cli
 from hmlstm.data import StreamBatches, StreamLoader
 
 TINY_MODEL = ["--model.hidden_sizes", "[8, 8]", "--model.embed_size", "8", "--model.output_size", "16",
@@ -27,7 +28,9 @@ def test_each_rank_takes_its_own_streams():
         assert torch.equal(joined, batch["input"])  # rank 0: streams 0-1, rank 1: streams 2-3
 
 
-def fit(tmp_path, name, *extra):
+def fit(tmp_path, name, *extra, capsys=None):
+    """`hmlstm fit` of the tiny model in tmp_path/name: in this process when given capsys, else in a subprocess
+    (ddp launches its second process by running the same command again). Returns the last checkpoint and the log."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("the cat sat on the mat. a dog ran to the cat. " * 60)
@@ -37,18 +40,26 @@ def fit(tmp_path, name, *extra):
             "--data.seq_len", "8", *TINY_MODEL, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5",
             "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", *extra]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("MASTER_PORT", None)  # Lightning picks a free port
-    proc = subprocess.run([sys.executable, "-m", "hmlstm.cli", *args], cwd=run, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if capsys is not None:
+        cwd = os.getcwd()
+        os.chdir(run)
+        try:
+            res = run_cli(args, capsys)
+        finally:
+            os.chdir(cwd)
+    else:
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+        env.pop("MASTER_PORT", None)  # Lightning picks a free port
+        res = subprocess.run([sys.executable, "-m", "hmlstm.cli", *args], cwd=run, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
     ckpt = run / "lightning_logs" / "csv" / "version_0" / "checkpoints" / "last.ckpt"
-    return torch.load(ckpt, weights_only=False), proc.stdout + proc.stderr
+    return torch.load(ckpt, weights_only=False), res.stdout + res.stderr
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    one, _ = fit(tmp_path, "one", "--trainer.devices", "1")
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
+    one, _ = fit(tmp_path, "one", "--trainer.devices", "1", capsys=capsys)
     two, log = fit(tmp_path, "two", "--trainer.strategy", "ddp", "--trainer.devices", "2")
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # really two processes
     assert one["global_step"] == two["global_step"] == 5

@@ -117,7 +117,9 @@ def test_gradcheck_soft(layer_norm, copy_boundary):
     c0 = torch.randn(2, 5, dtype=F64, generator=g, requires_grad=True)
     z0 = torch.rand(2, dtype=F64, generator=g).requires_grad_(True)
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
-    assert torch.autograd.gradcheck(gradcheck_fn(model, 0.7), (x, h0, c0, z0, *params))
+    # fast mode compares u^T J v, numerical against analytical, for random u and v: a wrong entry of J shows up
+    # unless it cancels against another for that draw; the full Jacobian took 15 s a case for the same verdict
+    assert torch.autograd.gradcheck(gradcheck_fn(model, 0.7), (x, h0, c0, z0, *params), fast_mode=True)
 
 
 def test_step_gradient_equals_straight_through_surrogate(monkeypatch):

@@ -36,17 +36,20 @@ OPTION_CASES = [
     for s, (bd, cb, ln) in enumerate(itertools.product(("step", "sample", "soft"), ("hold", "recompute"),
                                                        (False, True)))
 ]
+# forced patterns, each with both copy_boundary modes and both layer-norm settings, every pair of the three
+# factors once (the full product, 12 cases, cost 100 s in the interpreter; the options above are the full one)
 PATTERN_CASES = [
     make_case(3, 4, (16, 20, 12), pattern=pat, copy_boundary=cb, layer_norm=ln, seed=7, device=DEVICE)
-    for pat, cb, ln in itertools.product(("all_copy", "all_flush", "alternating"), ("hold", "recompute"),
-                                         (False, True))
+    for pat, cb, ln in [("all_copy", "hold", True), ("all_copy", "recompute", False),
+                        ("all_flush", "hold", False), ("all_flush", "recompute", True),
+                        ("alternating", "hold", True), ("alternating", "recompute", False)]
 ]
 SHAPE_CASES = [
     make_case(1, 1, (5, 7), input_size=3, device=DEVICE),
     make_case(1, 7, (13,), layer_norm=True, device=DEVICE),
     make_case(3, 7, (16, 20, 12), copy_boundary="recompute", device=DEVICE),
     make_case(3, 1, (5, 7), layer_norm=True, boundary="soft", device=DEVICE),
-    make_case(20, 2, (70, 33), layer_norm=True, copy_boundary="recompute", device=DEVICE),  # > 1 block per dim
+    make_case(20, 2, (40, 33), layer_norm=True, copy_boundary="recompute", device=DEVICE),  # > 1 block per dim
     make_case(3, 5, (16, 20, 12, 8), layer_norm=True, device=DEVICE),  # two layers in a phase of either parity
     make_case(3, 4, (12, 40, 9, 20), copy_boundary="recompute", boundary="sample", device=DEVICE),
 ]

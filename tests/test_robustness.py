@@ -2,9 +2,6 @@
 message saying where they started, gradients are clipped, runs are deterministic, mixed precision stays
 finite with the cell state in fp32."""
 
-import os
-import subprocess
-import sys
 import urllib.error
 import warnings
 
@@ -13,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 import hmlstm
+from cli_run import run_cli
 from hmlstm import HMLSTM
 from hmlstm.data import StreamBatches, StreamLoader, SyntheticDataModule, Text8DataModule, TextDataModule
 from hmlstm.training import (CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing)
@@ -34,11 +32,11 @@ def trainer(tmp_path, **kw) -> pl.Trainer:
     return pl.Trainer(**(args | kw))
 
 
-def hmlstm_cli(args, cwd):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("HMLSTM_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "hmlstm.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+def hmlstm_cli(args, cwd, capsys, monkeypatch):
+    """`hmlstm ARGS` in this process, in `cwd`, as a user runs it (no HMLSTM_TRACEBACK)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("HMLSTM_TRACEBACK", raising=False)
+    return run_cli(args, capsys)
 
 
 # -- bad input: one test per case ----------------------------------------------------------------------
@@ -51,11 +49,12 @@ def test_empty_text_file_names_the_minimum_length(tmp_path):
         TextDataModule(path=str(empty), batch_size=2, seq_len=8).setup()
 
 
-def test_too_short_text_file_is_a_clear_cli_error(tmp_path):
+def test_too_short_text_file_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "short.txt"
     corpus.write_text("abc " * 20)  # 80 characters, train split 72 < 4 * (50 + 1)
     proc = hmlstm_cli(["fit", "--data", "hmlstm.data.TextDataModule", "--data.path", str(corpus),
-                       "--data.batch_size", "4", "--data.seq_len", "50", "--trainer.logger", "false"], tmp_path)
+                       "--data.batch_size", "4", "--data.seq_len", "50", "--trainer.logger", "false"], tmp_path,
+                      capsys, monkeypatch)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "hmlstm: error" in proc.stderr and "at least batch_size * (seq_len + 1) = 204" in proc.stderr
@@ -104,7 +103,7 @@ def _saved_checkpoint(tmp_path):
     return path
 
 
-def test_truncated_checkpoint(tmp_path):
+def test_truncated_checkpoint(tmp_path, capsys, monkeypatch):
     good = _saved_checkpoint(tmp_path)
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -116,7 +115,7 @@ def test_truncated_checkpoint(tmp_path):
     t = trainer(tmp_path, plugins=[AtomicCheckpointIO()])
     with pytest.raises(CheckpointError, match="truncated"):
         t.fit(HMLSTMLanguageModel(**TINY), tiny_data(), ckpt_path=str(cut))
-    proc = hmlstm_cli(["generate", "--ckpt_path", str(cut)], tmp_path)
+    proc = hmlstm_cli(["generate", "--ckpt_path", str(cut)], tmp_path, capsys, monkeypatch)
     assert proc.returncode != 0 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -145,10 +144,10 @@ def test_nonpositive_seq_len_or_batch_size(name, tmp_path):
         tiny_data(**{name: -3})
 
 
-def test_nonpositive_slope_schedule_is_a_clear_cli_error(tmp_path):
+def test_nonpositive_slope_schedule_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="slope start must be > 0"):
         SlopeAnnealing(start=0.0)
-    proc = hmlstm_cli(["fit", "--slope.start", "-1", "--trainer.logger", "false"], tmp_path)
+    proc = hmlstm_cli(["fit", "--slope.start", "-1", "--trainer.logger", "false"], tmp_path, capsys, monkeypatch)
     assert proc.returncode != 0 and "slope start must be > 0, got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
 
