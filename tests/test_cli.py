@@ -60,7 +60,6 @@ def test_cli_fit_validate_generate_boundaries(tmp_path, capsys, monkeypatch):
 
     # the rest in this process, in the same folder
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("HMLSTM_TRACEBACK", raising=False)
 
     # validate from the checkpoint: the model's arguments come from the checkpoint, not the command line
