@@ -2,7 +2,7 @@
 # copy the two runs' logs into the committed results folder and rebuild the table, JSON and curves; the JSON and
 # curves are made from copies whose train/wall_s leaves out the 941 s pause during CI (see the folder's README)
 set -euo pipefail
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 out=benchmarks/results/quality-2026-12-01-ptb-v3
 mkdir -p $out/hm $out/lstm
 tmp=$(mktemp -d)
