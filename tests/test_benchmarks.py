@@ -2,6 +2,7 @@
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from patterns import force_boundaries, work_fractions  # noqa: E402
 
 from hmlstm import HMLSTM  # noqa: E402
+import hmlstm.backends  # noqa: E402
 
 
 def test_forced_rate_drives_every_boundary_layer():
@@ -158,3 +160,52 @@ def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, m
         assert torch.allclose(rebuilt[name], p, rtol=0, atol=1e-20), name
     where_main([str(run), "--chars", "300", "--at-init", "--out", str(tmp_path / "w.json")])
     assert json.loads((tmp_path / "w.json").read_text())["at_init"] is True
+
+
+def _fake_ptb(root: Path) -> Path:
+    """A few lines in Mikolov's ptb.char format (space-separated characters, `_` between words)."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran"]
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 200), ("valid", 20), ("test", 20)):
+        lines = [" _ ".join(" ".join(words[i]) for i in torch.randint(0, len(words), (6,), generator=g).tolist())
+                 for _ in range(n)]
+        (root / f"ptb.char.{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
+    """train_step.py trains each checkpoint's own model (weights, cell, sizes) through Lightning and records
+    every timed step of every round, the rounds taking turns; a bad run spec is refused by name."""
+    import pytorch_lightning as pl
+    import train_step
+    from hmlstm.data import PTBDataModule
+    from hmlstm.training import HMLSTMLanguageModel
+
+    data = _fake_ptb(tmp_path)
+    ckpts = {}
+    for cell in ("hmlstm", "lstm"):
+        dm = PTBDataModule(str(data), download=False, batch_size=4, seq_len=10)
+        model = HMLSTMLanguageModel(hidden_sizes=(8, 6), embed_size=4, output_size=8, layer_norm=True, cell=cell)
+        trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=dm)
+        ckpts[cell] = tmp_path / f"{cell}.ckpt"
+        trainer.save_checkpoint(ckpts[cell])
+    out = tmp_path / "steps.json"
+    threads = torch.get_num_threads()
+    try:
+        train_step.main([f"HM={ckpts['hmlstm']}", f"LSTM={ckpts['lstm']}", "--data-dir", str(data), "--steps", "2",
+                         "--warmup", "1", "--rounds", "2", "--batch-size", "4", "--seq-len", "10", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the script sets the process's thread count (--threads, default 1)
+    result = json.loads(out.read_text())
+    hm, lstm = result["runs"]["HM"], result["runs"]["LSTM"]
+    assert (hm["cell"], lstm["cell"]) == ("hmlstm", "lstm") and hm["trained_steps"] == 1
+    assert hm["backend"] == lstm["backend"] == hmlstm.backends.resolve("auto", torch.device("cpu"))
+    for r in (hm, lstm):
+        assert len(r["step_s"]) == 2 and all(len(ts) == 2 and min(ts) > 0 for ts in r["step_s"])
+        assert r["median_s"] == statistics.median(t for ts in r["step_s"] for t in ts)
+    assert set(hm["boundary_rates"]) == {"train/boundary_rate_l1"} and not lstm["boundary_rates"]
+    assert result["header"]["threads"] == 1
+    with pytest.raises(SystemExit):
+        train_step.main(["HM", "--data-dir", str(data)])
