@@ -74,9 +74,7 @@ def time_steps(ckpt: str, data_dir: str, steps: int, warmup: int, clip: float, b
         raise RuntimeError(f"{ckpt}: timed {len(timer.times)} steps, expected {warmup + steps}")
     rates = {k: float(v) for k, v in trainer.logged_metrics.items() if "boundary_rate" in k}
     info = {"cell": model.hparams.get("cell", "hmlstm"), "hidden_sizes": list(model.hparams.hidden_sizes),
-            "backend": backend_of(model.net),
-            "trained_steps": int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]),
-            "boundary_rates": rates}
+            "backend": backend_of(model.net), "boundary_rates": rates}
     return timer.times[warmup:], info
 
 
@@ -104,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             parser.error(f"{n} must be at least 1, got {v}")
     torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
+    head = header(torch.device("cpu"))  # before the rounds: its load average is the machine's, not this run's
+    trained = {name: int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+               for name, path in runs}
     rounds: dict[str, list[list[float]]] = {name: [] for name, _ in runs}
     infos: dict[str, dict] = {}
     for r in range(args.rounds):
@@ -112,10 +113,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                             args.batch_size, args.seq_len)
             rounds[name].append(times)
             print(f"round {r + 1}/{args.rounds} {name}: median {statistics.median(times):.3f} s/step", flush=True)
-    result = {"header": header(torch.device("cpu")), "settings": vars(args) | {"runs": dict(runs)}, "runs": {}}
+    result = {"header": head, "settings": vars(args) | {"runs": dict(runs)}, "runs": {}}
     for name, path in runs:
         flat = [t for ts in rounds[name] for t in ts]
-        result["runs"][name] = infos[name] | {"checkpoint": path, "median_s": statistics.median(flat),
+        result["runs"][name] = infos[name] | {"checkpoint": path, "trained_steps": trained[name], "median_s": statistics.median(flat),
                                               "round_medians_s": [statistics.median(ts) for ts in rounds[name]],
                                               "step_s": rounds[name]}
     base = result["runs"][runs[-1][0]]["median_s"]
