@@ -43,23 +43,79 @@ def cap_detector_norms(rnn: HMLSTM, cap: float) -> None:
             w[row].mul_((cap / w[row].norm().clamp_min(1e-12)).clamp(max=1.0))
 
 
-def parse_costs(boundary_cost: float | Sequence[float], num_layers: int) -> list[float]:
+def parse_costs(boundary_cost: float | Sequence[float], num_layers: int, name: str = "boundary_cost") -> list[float]:
     """boundary_cost (one value, or one per boundary layer) as one value per boundary layer; [] when all are 0.
 
     Raises ValueError naming the argument for a negative value or a list of the wrong length."""
     one = isinstance(boundary_cost, (int, float))
     costs = [float(boundary_cost)] * max(num_layers - 1, 0) if one else [float(c) for c in boundary_cost]
     if not one and len(costs) != max(num_layers - 1, 0):
-        raise ValueError(f"boundary_cost as a list needs one value per boundary layer (L - 1 = {num_layers - 1}), "
+        raise ValueError(f"{name} as a list needs one value per boundary layer (L - 1 = {num_layers - 1}), "
                          f"got {len(costs)}: {costs}")
     if any(not c >= 0 for c in costs):
-        raise ValueError(f"boundary_cost must be >= 0 (nats per boundary and character), got {boundary_cost}")
+        raise ValueError(f"{name} must be >= 0 (nats per boundary and character), got {boundary_cost}")
     return costs if any(c != 0 for c in costs) else []
 
 
 def boundary_charge(zs: Sequence[Tensor], costs: Sequence[float]) -> Tensor:
     """sum_l cost_l * mean(z^l): zs are the (B, T) boundaries of each layer, costs from `parse_costs`."""
     return sum(c * z.mean() for c, z in zip(costs, zs))
+
+
+@torch.no_grad()
+def next_char_entropy(logits: Tensor) -> Tensor:
+    """(B, T) entropy, in nats, of each step's prediction of the next character, from logits (B, T, V)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def entropy_peaks(logits: Tensor) -> Tensor:
+    """(B, T) bool: the steps whose predictive entropy (of the next character, from logits (B, T, V)) is a local
+    peak (above the step before, not below the step after) and above the batch's mean entropy."""
+    h = next_char_entropy(logits)
+    lo = torch.full_like(h[:, :1], -float("inf"))
+    before, after = torch.cat([lo, h[:, :-1]], 1), torch.cat([h[:, 1:], lo], 1)
+    return (h > before) & (h >= after) & (h > h.mean())
+
+
+@torch.no_grad()
+def peak_targets(logits: Tensor, zs: Sequence[Tensor]) -> list[Tensor]:
+    """(B, T) bool targets, one per boundary layer: layer 1's are `entropy_peaks`; layer k's are the boundaries of
+    layer k-1 (zs[k-2]) whose entropy is above the mean entropy of those boundaries (the larger peaks)."""
+    h = next_char_entropy(logits)
+    targets = [entropy_peaks(logits)]
+    for below in zs[:-1]:
+        fired = below.detach() > 0.5
+        mean = h[fired].mean() if fired.any() else h.new_tensor(float("inf"))
+        targets.append(fired & (h > mean))
+    return targets
+
+
+def peak_charge(zs: Sequence[Tensor], weights: Sequence[float], targets: Sequence[Tensor]) -> Tensor:
+    """sum_l w_l * mean(z^l * (1 - 2 target^l)): each boundary off its layer's target costs w_l, each on it earns
+    w_l (targets from `peak_targets`)."""
+    return sum(w * (z * (1 - 2 * y.to(z.dtype))).mean() for w, z, y in zip(weights, zs, targets) if w)
+
+
+def nesting_charge(zs: Sequence[Tensor], weight: float) -> Tensor:
+    """weight * sum_{l >= 2} mean(z^l (1 - z^{l-1})): a boundary of layer l where layer l-1 has none costs weight
+    (such a boundary can only come on a FLUSH step, right after the layer's own boundary)."""
+    return sum(weight * (hi * (1 - lo.detach())).mean() for lo, hi in zip(zs[:-1], zs[1:]))
+
+
+def training_charges(zs: Sequence[Tensor], logits: Tensor, costs: Sequence[float], peaks: Sequence[float],
+                     nesting: float) -> dict[str, Tensor]:
+    """The boundary terms of the training loss by name (`boundary_cost`, `peak_charge`, `nesting_charge`), each
+    only when its option is on: zs the (B, T) boundaries of each layer, logits (B, T, V) the same step's."""
+    terms = {}
+    if costs:
+        terms["boundary_cost"] = boundary_charge(zs, costs)
+    if peaks:
+        terms["peak_charge"] = peak_charge(zs, peaks, peak_targets(logits.detach(), zs))
+    if nesting and len(zs) > 1:
+        terms["nesting_charge"] = nesting_charge(zs, nesting)
+    return terms
 
 
 def oracle_boundaries(batch: dict[str, Tensor], num_layers: int) -> Tensor:

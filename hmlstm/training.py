@@ -48,7 +48,7 @@ from .checkpoint import (
     without_instantiator,
 )
 from .data import Vocabulary
-from .boundary_options import boundary_charge, cap_detector_norms, init_detectors, oracle_boundaries, parse_costs
+from .boundary_options import cap_detector_norms, init_detectors, oracle_boundaries, parse_costs, training_charges
 from .diagnostics import boundary_grad_norms, first_nonfinite
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
@@ -59,6 +59,14 @@ LN2 = math.log(2)
 # Re-exported: the names users and the CLI import from here.
 __all__ = ["HMLSTMLanguageModel", "NonFiniteLossError", "SlopeAnnealing", "AtomicCheckpointIO", "CheckpointError",
            "describe_checkpoint_problem", "export_weights", "CHECKPOINT_FORMAT"]
+
+
+def reset_streams(state: HMLSTMState, p: float) -> HMLSTMState:
+    """The carried state with each stream (batch row) set to zeros with probability p (torch's global RNG, which
+    checkpoints carry, so a resumed run draws the same)."""
+    keep = (torch.rand(state.h[0].shape[0], device=state.h[0].device) >= p).to(state.h[0].dtype)
+    return HMLSTMState(h=tuple(t * keep[:, None] for t in state.h), c=tuple(t * keep[:, None] for t in state.c),
+                       z=tuple(t * keep for t in state.z))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -107,6 +115,20 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             firing less, so that a boundary survives only where it lowers the NLL by more than it costs (an
             update budget; not in the paper, whose forward it leaves unchanged). One float for every layer, or a
             list with one per boundary layer (L - 1); 0 turns it off.
+        boundary_peaks: a self-supervised target for where a detector fires (not in the paper; the forward is
+            unchanged): the loss adds sum_l w_l * mean(z^l * (1 - 2 peak)), where peak marks the steps whose
+            predictive entropy (of the next character, from the model's own logits, no gradient) is a local peak
+            above the batch mean (`hmlstm.boundary_options.entropy_peaks`). A boundary on a peak earns w_l nats, one
+            elsewhere costs w_l: the detector is pushed toward the steps after which the text is hard to predict, the
+            ends of words. One float for every layer, or a list with one per boundary layer; 0 turns it off.
+        boundary_nesting: a charge, in nats, for every boundary of layer l >= 2 on a step where layer l-1 has none
+            (possible only on a FLUSH step, right after the layer's own boundary): it keeps each layer's boundaries
+            among those of the layer below, as segments of a hierarchy nest. 0 turns it off.
+        state_reset: the probability that a training stream starts a batch from zeros instead of the state the
+            previous batch left (0: the paper's truncated BPTT, every stream carried through the epoch). Validation
+            starts from zeros and runs streams far shorter than an epoch's; a model trained only on long streams
+            can come to rely on a state that only they build (docs/results.md: the top layer's cell, which never
+            flushes, grows over a training stream).
         oracle_boundaries: the true segment ends replace the boundary detectors' z in every stage (layer k gets
             level k of the data's boundaries, `hmlstm.synthetic.LEVELS`: words, then phrases). A diagnostic, not
             the paper's model: the BPC an HM-LSTM would reach if its layers found the structure, to hold a learned
@@ -134,7 +156,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
                  boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0,
                  boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
-                 boundary_zero_init: bool = False) -> None:
+                 boundary_zero_init: bool = False, boundary_peaks: float | list[float] = 0.0,
+                 boundary_nesting: float = 0.0, state_reset: float = 0.0) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -160,12 +183,22 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if cell == "lstm" and costs:
             # synthetic.yaml sets it for the HM-LSTM: the LSTM baseline stays one flag apart
             rank_zero_warn(f"boundary_cost={boundary_cost} is unused: cell='lstm' has no boundaries to charge")
+        if not 0 <= state_reset < 1:
+            raise ValueError(f"state_reset must be in [0, 1) (a probability per stream and batch), got {state_reset}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
         self.save_hyperparameters()
         self._costs = costs if cell == "hmlstm" else []  # one per boundary layer; [] when off
+        peaks = parse_costs(boundary_peaks, len(hidden_sizes), "boundary_peaks")
+        if cell == "lstm" and peaks:
+            rank_zero_warn(f"boundary_peaks={boundary_peaks} is unused: cell='lstm' has no boundaries")
+        if not boundary_nesting >= 0:
+            raise ValueError(f"boundary_nesting must be >= 0 (nats per boundary and character), got {boundary_nesting}")
+        if cell == "lstm" and boundary_nesting:
+            rank_zero_warn(f"boundary_nesting={boundary_nesting} is unused: cell='lstm' has no boundaries")
+        self._peaks = peaks if cell == "hmlstm" else []
         # The slope of the boundary detector's hard sigmoid; set by SlopeAnnealing at each epoch start. A
         # buffer, so validate/test/generate from a checkpoint use the slope the weights were trained with.
         self.register_buffer("slope", torch.tensor(1.0))
@@ -233,6 +266,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
     def _shared_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Optional[Tensor]:
         x, y = batch["input"], batch["target"]  # (B, T) each
         state = self._states.get(stage)
+        if stage == "train" and state is not None and self.hparams.get("state_reset", 0.0):
+            state = reset_streams(state, self.hparams.state_reset)
         self._probe = None
         if stage == "train" and self.net is not None and self.net.rnn.num_layers > 1 and torch.is_grad_enabled() \
                 and self.hparams.get("cell", "hmlstm") == "hmlstm":
@@ -270,10 +305,12 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
         loss = nll
-        if stage == "train" and self._costs:
-            charged = boundary_charge(out.rnn.z, self._costs)
-            self.log("train/boundary_cost", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
-            loss = loss + charged
+        if stage == "train" and self.hparams.get("cell", "hmlstm") == "hmlstm":
+            charges = training_charges(out.rnn.z, logits, self._costs, self._peaks,
+                                       self.hparams.get("boundary_nesting", 0.0))
+            for name, charged in charges.items():
+                self.log(f"train/{name}", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
+                loss = loss + charged
         if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":
             return loss * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
         return loss

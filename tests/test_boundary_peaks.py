@@ -1,0 +1,161 @@
+"""`boundary_peaks`: boundaries on peaks of the model's own predictive entropy earn, boundaries elsewhere cost
+(hmlstm.boundary_options.entropy_peaks / peak_charge; docs/results.md, "Boundaries at the entropy peaks")."""
+
+import pytest
+import torch
+
+from hmlstm.boundary_options import entropy_peaks
+from hmlstm.training import HMLSTMLanguageModel
+
+from test_training import one_thread, tiny_data  # noqa: F401  (one_thread: an autouse fixture)
+
+TINY = dict(hidden_sizes=(8, 8, 6), embed_size=8, output_size=16, layer_norm=False, backend="reference")
+
+
+def logits_with_entropies(bits: list[list[float]], vocab: int = 8) -> torch.Tensor:
+    """(B, T, V) logits whose rows have (about) the given entropies: one favoured class, the rest level, the
+    favoured logit found by bisection."""
+    out = torch.zeros(len(bits), len(bits[0]), vocab, dtype=torch.float64)
+    for b, row in enumerate(bits):
+        for t, target in enumerate(row):
+            lo, hi = 0.0, 60.0
+            for _ in range(80):
+                mid = (lo + hi) / 2
+                logp = torch.tensor([mid] + [0.0] * (vocab - 1), dtype=torch.float64).log_softmax(0)
+                h = float(-(logp.exp() * logp).sum()) / 0.6931471805599453
+                lo, hi = (mid, hi) if h > target else (lo, mid)
+            out[b, t, 0] = lo
+    return out
+
+
+def test_entropy_peaks_are_local_maxima_above_the_batch_mean():
+    # mean of the 14 entropies: 0.664 bits
+    bits = [[0.1, 2.0, 0.1, 0.9, 1.5, 1.5, 0.2],  # 0.9: above the mean, below the step after; of the two 1.5s
+            [1.4, 0.1, 0.0, 0.3, 1.2, 0.0, 0.0]] # the first is the peak; the first and last steps have one side
+    got = entropy_peaks(logits_with_entropies(bits))
+    want = torch.tensor([[0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(got, want)
+    flat = entropy_peaks(logits_with_entropies([[1.0, 1.0, 1.0, 1.0]]))
+    assert not flat.any()  # no step is above the mean
+
+
+def test_peak_charge_is_plus_or_minus_the_weight_on_each_boundary(tmp_path):
+    """The loss moves by w mean(z (1 - 2 peak)) for the layer given a weight; the gradient reaching its boundaries
+    (the probe's, dL/dz) moves toward firing on every peak and away from it everywhere else (by w (1 - 2 peak) per
+    character directly, plus what each z passes on to the later ones); layer 2's only through layer 1."""
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    B, T = batch["target"].shape
+    results = {}
+    for w in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars, boundary_peaks=[w, 0.0], boundary_bias=0.2,
+                                    loss_reduction="sum_time").double()
+        model.log = lambda *a, **k: None
+        loss = model._shared_step(batch, "train")
+        probe = model._probe  # made by the shared step; its gradient is dL/dz
+        loss.backward()
+        with torch.no_grad():
+            out = model(batch["input"])
+        results[w] = (float(loss.detach()), probe.grad.double(), out)
+    (l0, g0, out), (l3, g3, _) = results[0.0], results[0.3]
+    peaks = entropy_peaks(out.logits).double()
+    sign = 1 - 2 * peaks
+    assert 0 < float(peaks.mean()) < 1
+    # sum_time: the loss and its gradient are T times the per-character mean
+    direct = 0.3 * sign / (B * T) * T
+    assert ((g3[0] - g0[0]) * sign > 0).all()
+    assert torch.allclose(g3[0] - g0[0], direct, atol=0.1 * float(direct.abs().max()))
+    # layer 2 has weight 0: its gradient moves only through what its z passes on to layer 1's later boundaries
+    assert float((g3[1] - g0[1]).abs().max()) < 0.1 * float(direct.abs().max())
+    assert l3 - l0 == pytest.approx(0.3 * float((out.rnn.z[0] * sign).mean()) * T, rel=1e-9, abs=1e-12)
+
+
+def test_boundary_peaks_refuses_bad_values_and_warns_for_the_lstm():
+    with pytest.raises(ValueError, match="boundary_peaks must be >= 0"):
+        HMLSTMLanguageModel(**TINY, boundary_peaks=-0.1)
+    with pytest.raises(ValueError, match=r"boundary_peaks as a list needs one value per boundary layer"):
+        HMLSTMLanguageModel(**TINY, boundary_peaks=[0.1, 0.1, 0.1])
+    with pytest.warns(UserWarning, match="boundary_peaks=0.2 is unused"):
+        HMLSTMLanguageModel(cell="lstm", boundary_peaks=0.2)
+
+
+def test_peak_charge_gradient_on_the_boundaries_themselves():
+    from hmlstm.boundary_options import peak_charge
+
+    z1 = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    z2 = torch.tensor([[0.0, 1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    peaks = torch.tensor([[True, False, False, True]])
+    charge = peak_charge([z1, z2], [0.4, 0.0], [peaks, ~peaks])
+    assert float(charge) == pytest.approx(0.4 * (-1 + 0 + 1 - 1) / 4)
+    charge.backward()
+    assert torch.equal(z1.grad, torch.tensor([[-0.1, 0.1, 0.1, -0.1]], dtype=torch.float64))
+    assert z2.grad is None  # weight 0: not in the graph
+
+
+def test_upper_layer_targets_are_the_larger_entropy_peaks_among_the_boundaries_below():
+    from hmlstm.boundary_options import next_char_entropy, peak_targets
+
+    logits = logits_with_entropies([[0.1, 2.0, 0.1, 1.2, 0.2, 1.6, 0.1, 0.4]])
+    z1 = torch.tensor([[0, 1, 0, 1, 0, 1, 0, 1]], dtype=torch.float64)
+    z2 = torch.zeros_like(z1)
+    t1, t2 = peak_targets(logits, [z1, z2])
+    assert torch.equal(t1, entropy_peaks(logits))
+    # layer 1 fired on entropies 2.0, 1.2, 1.6, 0.4 (mean 1.3): layer 2's targets are the 2.0 and the 1.6
+    assert torch.equal(t2, torch.tensor([[False, True, False, False, False, True, False, False]]))
+    h = next_char_entropy(logits) / 0.6931471805599453
+    assert torch.allclose(h, torch.tensor([[0.1, 2.0, 0.1, 1.2, 0.2, 1.6, 0.1, 0.4]], dtype=torch.float32), atol=1e-4)
+    assert not peak_targets(logits, [torch.zeros_like(z1), z2])[1].any()  # nothing below: no target
+
+
+def test_nesting_charge_costs_only_boundaries_above_none():
+    from hmlstm.boundary_options import nesting_charge
+
+    z1 = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    z2 = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    charge = nesting_charge([z1, z2], 0.8)
+    assert float(charge) == pytest.approx(0.8 * 2 / 4)  # steps 1 and 3: layer 2 fired, layer 1 did not
+    charge.backward()
+    assert torch.equal(z2.grad, torch.tensor([[0.0, 0.2, 0.0, 0.2]], dtype=torch.float64))
+    assert z1.grad is None  # the layer below is the reference, not pushed
+    with pytest.raises(ValueError, match="boundary_nesting must be >= 0"):
+        HMLSTMLanguageModel(**TINY, boundary_nesting=-1.0)
+
+
+def test_state_reset_zeros_whole_streams_at_its_rate():
+    from hmlstm.state import HMLSTMState
+    from hmlstm.training import reset_streams
+
+    g = torch.Generator().manual_seed(0)
+    state = HMLSTMState(h=(torch.rand(4000, 3, generator=g) + 1, torch.rand(4000, 2, generator=g) + 1),
+                        c=(torch.rand(4000, 3, generator=g) + 1, torch.rand(4000, 2, generator=g) + 1),
+                        z=(torch.ones(4000),))
+    torch.manual_seed(1)
+    out = reset_streams(state, 0.25)
+    zeroed = out.h[0][:, 0] == 0
+    assert 0.22 < float(zeroed.float().mean()) < 0.28
+    for part in (out.h, out.c):
+        for old, new in zip(state.h if part is out.h else state.c, part):
+            assert (new[zeroed] == 0).all() and torch.equal(new[~zeroed], old[~zeroed])  # whole rows, all layers
+    assert torch.equal(out.z[0], (~zeroed).float())
+    with pytest.raises(ValueError, match=r"state_reset must be in \[0, 1\)"):
+        HMLSTMLanguageModel(**TINY, state_reset=1.0)
+
+
+def test_state_reset_applies_to_training_streams_only():
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars, state_reset=0.999999).double()
+    model.log = lambda *a, **k: None
+    with torch.no_grad():
+        warm = model(batch["input"]).rnn.state  # a state some batch left
+        fresh = float(model._shared_step(batch, "val"))  # val starts from zeros
+        model._states["val"] = warm
+        carried = float(model._shared_step(batch, "val"))  # val carries its state: no reset there
+        model._states["train"] = warm
+        trained = float(model._shared_step(batch, "train"))  # every stream reset (p ~ 1): the zero-state loss
+    assert carried != fresh
+    assert trained == pytest.approx(fresh, rel=1e-12)
