@@ -1,8 +1,10 @@
 """Training options that act on the boundary detectors (docs/training.md, "Training options beyond the paper").
 
 None changes the forward equations: they set the detectors' initial weights (`init_detectors`), bound them after
-each update (`cap_detector_norms`), charge their boundaries in the loss (`boundary_charge`), or replace their z by
-the data's true segment ends (`oracle_boundaries`, a diagnostic).
+each update (`cap_detector_norms`), charge their boundaries in the loss (`boundary_charge`; `peak_charge` toward the
+peaks of the model's own next-character entropy, `peak_targets`; `nesting_charge` against boundaries above none;
+all three collected by `training_charges`), or replace their z by the data's true segment ends
+(`oracle_boundaries`, a diagnostic).
 """
 
 from __future__ import annotations
@@ -24,12 +26,20 @@ def _detectors(rnn: HMLSTM) -> Iterator[tuple[HMLSTMLayer, int]]:
 
 
 @torch.no_grad()
-def init_detectors(rnn: HMLSTM, bias: Optional[float], zero_weights: bool) -> None:
-    """Set every boundary unit's bias (None: leave the uniform init) and, with zero_weights, zero its weight rows
-    (input, recurrent, top-down) so that it starts at its bias at every step."""
-    for layer, row in _detectors(rnn):
-        if bias is not None:
-            layer.bias[row] = bias
+def init_detectors(rnn: HMLSTM, bias: Optional[float | Sequence[Optional[float]]], zero_weights: bool) -> None:
+    """Set the boundary units' biases (one value for every layer, or one per boundary layer; None leaves the
+    uniform init) and, with zero_weights, zero their weight rows (input, recurrent, top-down) so that each starts at
+    its bias at every step.
+
+    Raises ValueError naming the argument for a list of the wrong length."""
+    detectors = list(_detectors(rnn))
+    biases = list(bias) if isinstance(bias, (list, tuple)) else [bias] * len(detectors)
+    if len(biases) != len(detectors):
+        raise ValueError(f"boundary_bias as a list needs one value (or null) per boundary layer (L - 1 = "
+                         f"{len(detectors)}), got {len(biases)}: {biases}")
+    for (layer, row), b in zip(detectors, biases):
+        if b is not None:
+            layer.bias[row] = b
         if zero_weights:
             for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
                 w[row].zero_()
@@ -93,9 +103,17 @@ def peak_targets(logits: Tensor, zs: Sequence[Tensor]) -> list[Tensor]:
 
 
 def peak_charge(zs: Sequence[Tensor], weights: Sequence[float], targets: Sequence[Tensor]) -> Tensor:
-    """sum_l w_l * mean(z^l * (1 - 2 target^l)): each boundary off its layer's target costs w_l, each on it earns
-    w_l (targets from `peak_targets`)."""
-    return sum(w * (z * (1 - 2 * y.to(z.dtype))).mean() for w, z, y in zip(weights, zs, targets) if w)
+    """sum_l w_l / 2 * (mean(z^l (1 - y^l)) / (1 - p_l) - mean(z^l y^l) / p_l), y^l the layer's targets (from
+    `peak_targets`) and p_l their fraction: boundaries on targets earn, boundaries off them cost, balanced so that
+    firing everywhere and firing nowhere both come to 0. The charge moves where a detector fires, not how often:
+    the language model loss (and `boundary_cost`) keep deciding that."""
+    total = zs[0].new_zeros(())
+    for w, z, y in zip(weights, zs, targets):
+        if w:
+            y = y.to(z.dtype)
+            p = y.mean().clamp(1e-6, 1 - 1e-6)
+            total = total + w / 2 * ((z * (1 - y)).mean() / (1 - p) - (z * y).mean() / p)
+    return total
 
 
 def nesting_charge(zs: Sequence[Tensor], weight: float) -> Tensor:

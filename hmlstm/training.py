@@ -97,15 +97,16 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             (skip that batch's update, restart the carried state, count it in `train/skipped_batches`).
         cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
             embedding, output module and training; it refuses the HM-only options boundary, copy_boundary,
-            boundary_norm_cap and oracle_boundaries, and warns that boundary_bias (which default.yaml sets) and
-            boundary_cost (which synthetic.yaml sets) are unused.
+            boundary_norm_cap and oracle_boundaries, and warns that boundary_bias (which default.yaml sets),
+            boundary_cost and boundary_peaks (which synthetic.yaml sets) and boundary_nesting are unused.
         loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
             summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
             meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
             character either way.
         boundary_norm_cap: after every update, scale each of a boundary unit's weight vectors (its row of
             weight_ih, weight_hh, weight_td) down to this norm where it is longer (the authors' code: 1.9365).
-        boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias).
+        boundary_bias: initial bias of the boundary units (None: the uniform initialization of every bias); one value
+            for every layer, or a list with one per boundary layer (null leaves that layer's).
         boundary_zero_init: start the boundary units' weight rows (input, recurrent, top-down) at 0, so that every
             detector starts at the same pre-activation (its bias) at every step and the gradient, not the random
             initialization, decides where it fires first.
@@ -116,11 +117,13 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             update budget; not in the paper, whose forward it leaves unchanged). One float for every layer, or a
             list with one per boundary layer (L - 1); 0 turns it off.
         boundary_peaks: a self-supervised target for where a detector fires (not in the paper; the forward is
-            unchanged): the loss adds sum_l w_l * mean(z^l * (1 - 2 peak)), where peak marks the steps whose
-            predictive entropy (of the next character, from the model's own logits, no gradient) is a local peak
-            above the batch mean (`hmlstm.boundary_options.entropy_peaks`). A boundary on a peak earns w_l nats, one
-            elsewhere costs w_l: the detector is pushed toward the steps after which the text is hard to predict, the
-            ends of words. One float for every layer, or a list with one per boundary layer; 0 turns it off.
+            unchanged). Layer 1's targets are the steps whose predictive entropy (of the next character, from the
+            model's own logits, no gradient) is a local peak above the batch mean: the steps after which the text
+            is hard to predict, the ends of words. Layer k's are the boundaries of layer k-1 whose entropy is above
+            their mean: the larger peaks. The loss adds, per layer, w/2 * (mean(z (1 - y)) / (1 - p) - mean(z y) / p)
+            (y the targets, p their fraction): boundaries on targets earn, others cost, balanced so that firing
+            everywhere or nowhere costs nothing: it moves where a layer fires, not how often
+            (`hmlstm.boundary_options.peak_charge`). One float for every layer, or one per boundary layer; 0: off.
         boundary_nesting: a charge, in nats, for every boundary of layer l >= 2 on a step where layer l-1 has none
             (possible only on a FLUSH step, right after the layer's own boundary): it keeps each layer's boundaries
             among those of the layer below, as segments of a hierarchy nest. 0 turns it off.
@@ -154,7 +157,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  backend: str = "auto", lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0,
                  vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
-                 boundary_bias: Optional[float] = None, adam_beta2: float = 0.999, weight_decay: float = 0.0,
+                 boundary_bias: Optional[float | list[Optional[float]]] = None, adam_beta2: float = 0.999,
+                 weight_decay: float = 0.0,
                  boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
                  boundary_zero_init: bool = False, boundary_peaks: float | list[float] = 0.0,
                  boundary_nesting: float = 0.0, state_reset: float = 0.0) -> None:

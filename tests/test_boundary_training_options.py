@@ -1,13 +1,18 @@
-"""`boundary_peaks`: boundaries on peaks of the model's own predictive entropy earn, boundaries elsewhere cost
-(hmlstm.boundary_options.entropy_peaks / peak_charge; docs/results.md, "Boundaries at the entropy peaks")."""
+"""Training options that steer the boundary detectors or the carried state, none changing the forward:
+`boundary_peaks` (targets at the model's own entropy peaks), `boundary_nesting`, `state_reset`
+(hmlstm.boundary_options, hmlstm.training; docs/results.md, "Boundaries at the entropy peaks")."""
+
+import csv
+import math
 
 import pytest
 import torch
+from pytorch_lightning.loggers import CSVLogger
 
 from hmlstm.boundary_options import entropy_peaks
 from hmlstm.training import HMLSTMLanguageModel
 
-from test_training import one_thread, tiny_data  # noqa: F401  (one_thread: an autouse fixture)
+from test_training import one_thread, tiny_data, trainer  # noqa: F401  (one_thread: an autouse fixture)
 
 TINY = dict(hidden_sizes=(8, 8, 6), embed_size=8, output_size=16, layer_norm=False, backend="reference")
 
@@ -39,10 +44,11 @@ def test_entropy_peaks_are_local_maxima_above_the_batch_mean():
     assert not flat.any()  # no step is above the mean
 
 
-def test_peak_charge_is_plus_or_minus_the_weight_on_each_boundary(tmp_path):
-    """The loss moves by w mean(z (1 - 2 peak)) for the layer given a weight; the gradient reaching its boundaries
-    (the probe's, dL/dz) moves toward firing on every peak and away from it everywhere else (by w (1 - 2 peak) per
-    character directly, plus what each z passes on to the later ones); layer 2's only through layer 1."""
+def test_peak_charge_in_the_training_step_moves_the_loss_and_the_boundary_gradient():
+    """The loss moves by the balanced charge for the layer given a weight; the gradient reaching its boundaries (the
+    probe's, dL/dz) moves toward firing on every peak and away from it everywhere else (directly by w/2 (-1/p on a
+    peak, 1/(1-p) elsewhere) per character, plus what each z passes on to the later ones); layer 2's only through
+    layer 1."""
     dm = tiny_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -61,15 +67,16 @@ def test_peak_charge_is_plus_or_minus_the_weight_on_each_boundary(tmp_path):
         results[w] = (float(loss.detach()), probe.grad.double(), out)
     (l0, g0, out), (l3, g3, _) = results[0.0], results[0.3]
     peaks = entropy_peaks(out.logits).double()
-    sign = 1 - 2 * peaks
-    assert 0 < float(peaks.mean()) < 1
+    p = float(peaks.mean())
+    assert 0 < p < 1
+    sign = (1 - peaks) / (1 - p) - peaks / p  # balanced: on target -1/p, off it +1/(1-p)
     # sum_time: the loss and its gradient are T times the per-character mean
-    direct = 0.3 * sign / (B * T) * T
+    direct = 0.3 / 2 * sign / (B * T) * T
     assert ((g3[0] - g0[0]) * sign > 0).all()
     assert torch.allclose(g3[0] - g0[0], direct, atol=0.1 * float(direct.abs().max()))
     # layer 2 has weight 0: its gradient moves only through what its z passes on to layer 1's later boundaries
     assert float((g3[1] - g0[1]).abs().max()) < 0.1 * float(direct.abs().max())
-    assert l3 - l0 == pytest.approx(0.3 * float((out.rnn.z[0] * sign).mean()) * T, rel=1e-9, abs=1e-12)
+    assert l3 - l0 == pytest.approx(0.3 / 2 * float((out.rnn.z[0] * sign).mean()) * T, rel=1e-9, abs=1e-12)
 
 
 def test_boundary_peaks_refuses_bad_values_and_warns_for_the_lstm():
@@ -81,17 +88,20 @@ def test_boundary_peaks_refuses_bad_values_and_warns_for_the_lstm():
         HMLSTMLanguageModel(cell="lstm", boundary_peaks=0.2)
 
 
-def test_peak_charge_gradient_on_the_boundaries_themselves():
+def test_peak_charge_is_balanced_between_targets_and_the_rest():
     from hmlstm.boundary_options import peak_charge
 
     z1 = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
     z2 = torch.tensor([[0.0, 1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    peaks = torch.tensor([[True, False, False, True]])
-    charge = peak_charge([z1, z2], [0.4, 0.0], [peaks, ~peaks])
-    assert float(charge) == pytest.approx(0.4 * (-1 + 0 + 1 - 1) / 4)
+    y = torch.tensor([[True, False, False, False]])  # a quarter of the steps are targets
+    charge = peak_charge([z1, z2], [0.4, 0.0], [y, ~y])
+    # 0.4 / 2 * (off-target boundaries 2/4 / (3/4) - on-target 1/4 / (1/4))
+    assert float(charge) == pytest.approx(0.2 * (2 / 3 - 1))
     charge.backward()
-    assert torch.equal(z1.grad, torch.tensor([[-0.1, 0.1, 0.1, -0.1]], dtype=torch.float64))
+    assert torch.allclose(z1.grad, torch.tensor([[-0.2, 0.2 / 3, 0.2 / 3, 0.2 / 3]], dtype=torch.float64))
     assert z2.grad is None  # weight 0: not in the graph
+    for always in (torch.ones(1, 4), torch.zeros(1, 4)):  # firing everywhere or nowhere: no charge
+        assert float(peak_charge([always, always], [0.4, 0.4], [y, ~y])) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_upper_layer_targets_are_the_larger_entropy_peaks_among_the_boundaries_below():
@@ -159,3 +169,34 @@ def test_state_reset_applies_to_training_streams_only():
         trained = float(model._shared_step(batch, "train"))  # every stream reset (p ~ 1): the zero-state loss
     assert carried != fresh
     assert trained == pytest.approx(fresh, rel=1e-12)
+
+
+def test_boundary_bias_per_layer():
+    torch.manual_seed(0)
+    uniform = HMLSTMLanguageModel(**TINY, vocab="ab .")
+    torch.manual_seed(0)
+    model = HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_bias=[None, -0.5])
+    biases = [(layer, float(layer.bias[4 * layer.hidden_size])) for layer in model.net.rnn.layers if layer.has_boundary]
+    first = uniform.net.rnn.layers[0]
+    assert biases[0][1] == float(first.bias[4 * first.hidden_size])  # null: the uniform init, untouched
+    assert biases[1][1] == -0.5
+    with pytest.raises(ValueError, match=r"boundary_bias as a list needs one value \(or null\) per boundary layer"):
+        HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_bias=[0.5])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_short_fit_with_every_option_logs_its_charges(tmp_path, backend):
+    from hmlstm.backends import unavailable_reason
+
+    reason = unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:  # cpp: the extension is not built
+        pytest.skip(reason)
+    model = HMLSTMLanguageModel(**(TINY | {"backend": backend}), boundary_peaks=[1.0, 0.5], boundary_nesting=0.1,
+                                boundary_cost=[0.05, 0.0], state_reset=0.2)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer(tmp_path, logger=logger, log_every_n_steps=1).fit(model, tiny_data())
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    for name in ("train/peak_charge", "train/nesting_charge", "train/boundary_cost"):
+        values = [float(r[name]) for r in rows if r.get(name)]
+        assert values and all(math.isfinite(v) for v in values), name
+    assert any(float(r["val/bpc"]) > 0 for r in rows if r.get("val/bpc"))
