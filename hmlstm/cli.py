@@ -166,7 +166,7 @@ def generate_main(argv: Sequence[str]) -> None:
 def boundaries_main(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(prog="hmlstm boundaries",
                                 description="Draw each layer's boundaries over a text and score them against "
-                                            "word boundaries (whitespace).")
+                                            "word boundaries (whitespace, or --separators).")
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by hmlstm fit")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the text to read")
@@ -177,7 +177,12 @@ def boundaries_main(argv: Sequence[str]) -> None:
                    help="count a boundary within this many positions as a hit, one-to-one (default: 0, the headline, "
                         "and 1 beside it)")
     p.add_argument("--backend", default=None, help="override the model's backend")
+    p.add_argument("--separators", default=None,
+                   help="the characters that end a word (default: any whitespace; ' .' for the synthetic language, "
+                        "whose phrases end with a period)")
     a = p.parse_args(argv)
+    if a.separators == "":
+        p.error("--separators is empty: give the characters that end a word, or leave it out for whitespace")
     text = a.text if a.text is not None else Path(a.text_file).read_text(encoding="utf-8")
     if not text:
         p.error("the text is empty")
@@ -185,7 +190,7 @@ def boundaries_main(argv: Sequence[str]) -> None:
     zs = model.boundaries(text)
     if model.hparams.byte_level:  # one symbol per byte: score and draw the bytes
         text = text.encode("utf-8").decode("latin-1")
-    true = word_boundaries(text)
+    true = word_boundaries(text, a.separators)
     from .plot import plot_boundaries
 
     plot_boundaries(text, zs, a.out, true=true, width=a.width,

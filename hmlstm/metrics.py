@@ -15,7 +15,7 @@ it, also counts a boundary one character early or late (one-to-one), which separ
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -90,9 +90,12 @@ def boundary_f1(pred: Tensor, true: Tensor, tolerance: int = 0) -> BoundaryScore
     return BoundaryScore(*prf(tp, n_pred, n_true), tp, n_pred, n_true)
 
 
-def word_boundaries(text: str) -> Tensor:
-    """(N,) bool: True at each whitespace character that follows a non-whitespace one (a word ends there)."""
-    space = torch.tensor([c.isspace() for c in text], dtype=torch.bool)
+def word_boundaries(text: str, separators: Optional[str] = None) -> Tensor:
+    """(N,) bool: True at each separator character that follows a non-separator one (a word ends there).
+    separators: the characters that end a word (None: any whitespace; " ." for the synthetic language, whose
+    phrases end with a period)."""
+    is_sep = str.isspace if separators is None else (lambda c: c in separators)
+    space = torch.tensor([is_sep(c) for c in text], dtype=torch.bool)
     return whitespace_run_starts(space)
 
 

@@ -35,8 +35,8 @@ def logits_with_entropies(bits: list[list[float]], vocab: int = 8) -> torch.Tens
 
 def test_entropy_peaks_are_local_maxima_above_the_batch_mean():
     # mean of the 14 entropies: 0.664 bits
-    bits = [[0.1, 2.0, 0.1, 0.9, 1.5, 1.5, 0.2],  # 0.9: above the mean, below the step after; of the two 1.5s
-            [1.4, 0.1, 0.0, 0.3, 1.2, 0.0, 0.0]] # the first is the peak; the first and last steps have one side
+    bits = [[0.1, 2.0, 0.1, 0.9, 1.5, 1.5, 0.2],   # 0.9: above the mean, below the step after; of the two 1.5s
+            [1.4, 0.1, 0.0, 0.3, 1.2, 0.0, 0.0]]  # the first is the peak; the first and last steps have one side
     got = entropy_peaks(logits_with_entropies(bits))
     want = torch.tensor([[0, 1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
     assert torch.equal(got, want)

@@ -90,6 +90,9 @@ def test_cli_fit_validate_generate_boundaries(tmp_path, capsys, monkeypatch):
                              str(png)], capsys))
     assert "layer 1" in out and "F1" in out
     assert "tolerance 0:" in out and "tolerance 1:" in out  # the headline and the one beside it
+    with_periods = assert_ok(run_cli(["boundaries", "--ckpt_path", str(ckpt), "--text", "the cat. sat on the mat.",
+                                      "--out", str(png), "--separators", " ."], capsys))
+    assert "24 characters, 6 word boundaries" in with_periods  # the two periods count: whitespace alone gives 5
     import matplotlib.image
 
     image = matplotlib.image.imread(png)

@@ -52,6 +52,9 @@ def test_word_boundaries_mark_the_space_that_ends_a_word():
     text = "the cat  sat\non"
     got = word_boundaries(text).nonzero().flatten().tolist()
     assert got == [3, 7, 12]  # second space of "  " is not a new boundary
+    synthetic = "ab cd.ef gh."  # --separators " .": a period ends a word (and a phrase) too
+    assert word_boundaries(synthetic, " .").nonzero().flatten().tolist() == [2, 5, 8, 11]
+    assert word_boundaries(synthetic).nonzero().flatten().tolist() == [2, 8]
 
 
 def test_operation_fractions_hand_example():
