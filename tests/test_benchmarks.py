@@ -209,3 +209,31 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
     assert result["header"]["threads"] == 1
     with pytest.raises(SystemExit):
         train_step.main(["HM", "--data-dir", str(data)])
+
+
+def test_seeds_trains_each_seed_once_and_counts_the_targets(tmp_path):
+    """benchmarks/seeds.py: one run per seed (two at a time), the table of their last validations, and counts that
+    follow from the per-seed values; a second call reuses the finished runs instead of training again."""
+    from seeds import main as seeds_main
+
+    tiny = ["--model.hidden_sizes", "[8,8,8]", "--model.output_size", "16", "--model.embed_size", "8",
+            "--data.init_args.train_chars", "3000", "--data.init_args.val_chars", "600", "--data.init_args.test_chars",
+            "600", "--data.init_args.batch_size", "4", "--data.init_args.seq_len", "20", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2"]
+    args = ["--config", "synthetic.yaml", "--seeds", "3", "4", "--parallel", "2", "--dir", str(tmp_path / "runs"),
+            "--target", "f1_l1_word=0.0", "--target", "f1_l2_phrase=1.01", "--out", str(tmp_path / "s.json"), "--",
+            *tiny]
+    result = seeds_main(args)
+    assert set(result["runs"]) == {"3", "4"} and result["extra_flags"] == tiny
+    s = result["summary"]
+    assert s["meets"]["f1_l1_word"] == [3, 4]  # every F1 is >= 0
+    assert s["meets"]["f1_l2_phrase"] == [] and s["meets_all"] == []  # no F1 exceeds 1
+    band = [int(k) for k, r in result["runs"].items() if all(0.02 <= v <= 0.6 for v in r["rates"].values())]
+    assert s["rates_in_band"] == band
+    assert json.loads((tmp_path / "s.json").read_text())["summary"] == s
+    metrics = next((tmp_path / "runs" / "seed-3").glob("lightning_logs/csv/version_*/metrics.csv"))
+    stamp = metrics.stat().st_mtime_ns
+    again = seeds_main(args)  # finished runs are read, not trained again
+    assert metrics.stat().st_mtime_ns == stamp and again["runs"] == result["runs"]
+    with pytest.raises(SystemExit):
+        seeds_main(["--config", "synthetic.yaml", "--seeds", "1", "--dir", str(tmp_path), "--target", "f1_l1_word"])
