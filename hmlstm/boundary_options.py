@@ -1,7 +1,8 @@
 """Training options that act on the boundary detectors (docs/training.md, "Training options beyond the paper").
 
 None changes the forward equations: they set the detectors' initial weights (`init_detectors`), bound them after
-each update (`cap_detector_norms`), charge their boundaries in the loss (`boundary_charge`; `peak_charge` toward the
+each update (`cap_detector_norms`), hold each layer's boundary rate in a band by its bias (`steer_detector_rates`),
+charge their boundaries in the loss (`boundary_charge`; `peak_charge` toward the
 peaks of the model's own next-character entropy, `peak_targets`; `nesting_charge` against boundaries above none;
 all three collected by `training_charges`), or replace their z by the data's true segment ends
 (`oracle_boundaries`, a diagnostic).
@@ -51,6 +52,46 @@ def cap_detector_norms(rnn: HMLSTM, cap: float) -> None:
     for layer, row in _detectors(rnn):
         for w in (layer.weight_ih, layer.weight_hh, layer.weight_td):
             w[row].mul_((cap / w[row].norm().clamp_min(1e-12)).clamp(max=1.0))
+
+
+def parse_rate_bands(bands: Optional[Sequence[Optional[Sequence[float]]]],
+                     num_layers: int) -> list[Optional[tuple[float, float]]]:
+    """boundary_rates (None, or one [lo, hi] or None per boundary layer) as one band or None per boundary layer;
+    [] when off.
+
+    Raises ValueError naming the argument for a list of the wrong length or a band that is not 0 <= lo <= hi <= 1."""
+    if bands is None:
+        return []
+    bands = list(bands)
+    if len(bands) != max(num_layers - 1, 0):
+        raise ValueError(f"boundary_rates needs one [lo, hi] (or null) per boundary layer (L - 1 = {num_layers - 1}), "
+                         f"got {len(bands)}: {bands}")
+    out: list[Optional[tuple[float, float]]] = []
+    for band in bands:
+        if band is None:
+            out.append(None)
+            continue
+        band = [float(b) for b in band]
+        if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
+            raise ValueError(f"boundary_rates: each band is [lo, hi] with 0 <= lo <= hi <= 1 (boundaries per "
+                             f"character), got {band}")
+        out.append((band[0], band[1]))
+    return out if any(b is not None for b in out) else []
+
+
+@torch.no_grad()
+def steer_detector_rates(rnn: HMLSTM, rates: Sequence[float], bands: Sequence[Optional[tuple[float, float]]],
+                         step: float) -> None:
+    """Move each boundary unit's bias by +step when its layer's rate (this batch's fraction of steps with z = 1)
+    is below its band, by -step when above: a homeostatic threshold. No gradient is involved, so it reaches a
+    detector whose hard sigmoid is saturated (a dead or an always-firing layer, which no gradient can move)."""
+    for (layer, row), rate, band in zip(_detectors(rnn), rates, bands):
+        if band is not None:
+            lo, hi = band
+            if rate < lo:
+                layer.bias[row] += step
+            elif rate > hi:
+                layer.bias[row] -= step
 
 
 def parse_costs(boundary_cost: float | Sequence[float], num_layers: int, name: str = "boundary_cost") -> list[float]:

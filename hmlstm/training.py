@@ -48,7 +48,8 @@ from .checkpoint import (
     without_instantiator,
 )
 from .data import Vocabulary
-from .boundary_options import cap_detector_norms, init_detectors, oracle_boundaries, parse_costs, training_charges
+from .boundary_options import (cap_detector_norms, init_detectors, oracle_boundaries, parse_costs, parse_rate_bands,
+                               steer_detector_rates, training_charges)
 from .diagnostics import boundary_grad_norms, first_nonfinite
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
@@ -98,7 +99,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
             embedding, output module and training; it refuses the HM-only options boundary, copy_boundary,
             boundary_norm_cap and oracle_boundaries, and warns that boundary_bias (which default.yaml sets),
-            boundary_cost and boundary_peaks (which synthetic.yaml sets) and boundary_nesting are unused.
+            boundary_cost and boundary_peaks (which synthetic.yaml sets), boundary_nesting and boundary_rates are
+            unused.
         loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
             summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
             meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
@@ -132,6 +134,12 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             starts from zeros and runs streams far shorter than an epoch's; a model trained only on long streams
             can come to rely on a state that only they build (docs/results.md: the top layer's cell, which never
             flushes, grows over a training stream).
+        boundary_rates: a band [lo, hi] of boundaries per character for each boundary layer (null: none), held by
+            a homeostatic threshold rather than a gradient: after every update a layer whose rate in that batch was
+            below lo has its boundary unit's bias raised by boundary_rate_step, above hi lowered by it. It reaches a
+            detector no gradient moves (a dead layer, or one firing on every step: both are outside the hard
+            sigmoid's window). Not in the paper; the forward is unchanged (`steer_detector_rates`).
+        boundary_rate_step: the bias change per update of boundary_rates.
         oracle_boundaries: the true segment ends replace the boundary detectors' z in every stage (layer k gets
             level k of the data's boundaries, `hmlstm.synthetic.LEVELS`: words, then phrases). A diagnostic, not
             the paper's model: the BPC an HM-LSTM would reach if its layers found the structure, to hold a learned
@@ -161,7 +169,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  weight_decay: float = 0.0,
                  boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
                  boundary_zero_init: bool = False, boundary_peaks: float | list[float] = 0.0,
-                 boundary_nesting: float = 0.0, state_reset: float = 0.0) -> None:
+                 boundary_nesting: float = 0.0, state_reset: float = 0.0,
+                 boundary_rates: Optional[list[Optional[list[float]]]] = None, boundary_rate_step: float = 0.01) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -203,6 +212,13 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if cell == "lstm" and boundary_nesting:
             rank_zero_warn(f"boundary_nesting={boundary_nesting} is unused: cell='lstm' has no boundaries")
         self._peaks = peaks if cell == "hmlstm" else []
+        bands = parse_rate_bands(boundary_rates, len(hidden_sizes))
+        if not boundary_rate_step > 0:
+            raise ValueError(f"boundary_rate_step must be > 0 (bias change per step), got {boundary_rate_step}")
+        if cell == "lstm" and bands:
+            rank_zero_warn(f"boundary_rates={boundary_rates} is unused: cell='lstm' has no boundaries")
+        self._bands = bands if cell == "hmlstm" else []
+        self._rates: Optional[list[float]] = None  # this training step's boundary rates, for the band controller
         # The slope of the boundary detector's hard sigmoid; set by SlopeAnnealing at each epoch start. A
         # buffer, so validate/test/generate from a checkpoint use the slope the weights were trained with.
         self.register_buffer("slope", torch.tensor(1.0))
@@ -309,6 +325,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             if stage != "train":
                 self._count_boundaries(stage, out.rnn.z, batch)
         loss = nll
+        if stage == "train" and self._bands:
+            self._rates = [float((z > 0.5).float().mean()) for z in out.rnn.z]
         if stage == "train" and self.hparams.get("cell", "hmlstm") == "hmlstm":
             charges = training_charges(out.rnn.z, logits, self._costs, self._peaks,
                                        self.hparams.get("boundary_nesting", 0.0))
@@ -349,6 +367,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         cap = self.hparams.get("boundary_norm_cap")
         if cap is not None and self.net is not None and self.hparams.get("cell", "hmlstm") == "hmlstm":
             cap_detector_norms(self.net.rnn, cap)
+        rates, self._rates = getattr(self, "_rates", None), None
+        if rates is not None and self._bands and self.net is not None:
+            steer_detector_rates(self.net.rnn, rates, self._bands, self.hparams.get("boundary_rate_step", 0.01))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the 2-norm of all gradients before clipping (Lightning clips after this hook, and unscales AMP

@@ -200,3 +200,45 @@ def test_a_short_fit_with_every_option_logs_its_charges(tmp_path, backend):
         values = [float(r[name]) for r in rows if r.get(name)]
         assert values and all(math.isfinite(v) for v in values), name
     assert any(float(r["val/bpc"]) > 0 for r in rows if r.get("val/bpc"))
+
+
+def test_rate_bands_refuse_bad_values_and_warn_for_the_lstm():
+    with pytest.raises(ValueError, match=r"boundary_rates needs one \[lo, hi\] \(or null\) per boundary layer"):
+        HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_rates=[[0.1, 0.2]])
+    with pytest.raises(ValueError, match=r"0 <= lo <= hi <= 1"):
+        HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_rates=[None, [0.3, 0.2]])
+    with pytest.raises(ValueError, match="boundary_rate_step must be > 0"):
+        HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_rates=[None, [0.1, 0.2]], boundary_rate_step=0.0)
+    with pytest.warns(UserWarning, match="boundary_rates=.* is unused: cell='lstm'"):
+        HMLSTMLanguageModel(hidden_sizes=(8, 8), vocab="ab .", cell="lstm", boundary_rates=[[0.1, 0.2]])
+
+
+def test_steer_detector_rates_moves_each_bias_toward_its_band():
+    from hmlstm.boundary_options import steer_detector_rates
+
+    model = HMLSTMLanguageModel(**TINY, vocab="ab .", boundary_bias=0.0)
+    rnn = model.net.rnn
+    rows = [4 * layer.hidden_size for layer in rnn.layers]
+    before = [rnn.layers[k].bias.detach().clone() for k in range(3)]
+    # layer 1 below its band, layer 2 above it
+    steer_detector_rates(rnn, [0.01, 0.9], [(0.05, 0.5), (0.05, 0.5)], 0.25)
+    assert float(rnn.layers[0].bias[rows[0]]) == 0.25 and float(rnn.layers[1].bias[rows[1]]) == -0.25
+    steer_detector_rates(rnn, [0.3, 0.3], [(0.05, 0.5), None], 0.25)  # inside the band, and no band: unchanged
+    assert float(rnn.layers[0].bias[rows[0]]) == 0.25 and float(rnn.layers[1].bias[rows[1]]) == -0.25
+    for k in range(3):  # nothing but the boundary units' biases moved
+        changed = (rnn.layers[k].bias.detach() != before[k]).nonzero().flatten().tolist()
+        assert changed == ([rows[k]] if k < 2 else [])
+
+
+def test_a_dead_layer_comes_back_into_its_band_during_a_fit(tmp_path):
+    """Layer 2's detector starts far below firing (bias -6): no gradient reaches a saturated hard sigmoid, and
+    without the band it stays dead; with the band its bias rises every step its rate is below 0.2."""
+    biases = {}
+    for bands in (None, [None, [0.2, 0.6]]):
+        torch.manual_seed(0)
+        model = HMLSTMLanguageModel(**TINY, boundary_bias=[None, -6.0], boundary_rates=bands, boundary_rate_step=0.5)
+        trainer(tmp_path, max_epochs=2, limit_train_batches=8).fit(model, tiny_data())
+        layer = model.net.rnn.layers[1]
+        biases[bands is not None] = float(layer.bias[4 * layer.hidden_size])
+    assert biases[False] == pytest.approx(-6.0, abs=0.05)  # dead: Adam barely moves it
+    assert biases[True] > -6.0 + 0.5 * 8  # at least 8 of the 16 steps raised it
