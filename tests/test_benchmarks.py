@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -160,6 +161,34 @@ def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, m
         assert torch.allclose(rebuilt[name], p, rtol=0, atol=1e-20), name
     where_main([str(run), "--chars", "300", "--at-init", "--out", str(tmp_path / "w.json")])
     assert json.loads((tmp_path / "w.json").read_text())["at_init"] is True
+
+
+
+def test_forced_boundaries_reruns_a_trained_model_with_layer_2_replaced(tmp_path, monkeypatch):
+    from forced_boundaries import PATTERNS, main as forced_main
+    from hmlstm.cli import main as hmlstm_main
+    from hmlstm.data import SyntheticDataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = ["--data.init_args.train_chars", "3000", "--data.init_args.val_chars", "600", "--data.init_args.test_chars",
+            "600", "--data.init_args.batch_size", "4", "--data.init_args.seq_len", "20"]
+    hmlstm_main(["fit", "--config", "synthetic.yaml", "--model.hidden_sizes", "[8,8,8]", "--model.output_size", "16",
+                 "--model.embed_size", "8", *data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                 "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "lightning_logs" / "csv" / "version_0"
+    forced_main([str(run), "--chars", "400", "--out", str(tmp_path / "f.json")])
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert set(result["forced"]) == set(PATTERNS) and result["chars"] == 400
+    # the forced path (reference loop) with the model's own z is the free forward (C++ backend)
+    assert result["forced"]["own"] == pytest.approx(result["free"], abs=1e-4)
+    dm = SyntheticDataModule(**yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"])
+    dm.setup()
+    bounds = dm._corpora["val"].boundaries
+    assert result["rate_l2"]["true_phrases"] == pytest.approx(float(bounds["phrase"][:400].float().mean()))
+    assert result["rate_l2"]["word_ends"] == pytest.approx(float(bounds["word"][:400].float().mean()))
+    assert result["rate_l2"]["never"] == 0.0
+    # layer 3 reads layer 2 only at its boundaries: boundaries on every word end and none give different BPC
+    assert result["forced"]["word_ends"] != result["forced"]["never"]
 
 
 def _fake_ptb(root: Path) -> Path:
