@@ -13,7 +13,9 @@ run on `SyntheticDataModule`. Every validation character gets one class, by the 
     word_first      the first character of a word inside a phrase
     inner           every other character
 
-and the table gives, per layer, the fraction of each class on which that layer fired. The F1 of the logs counts
+and the table gives, per layer, the fraction of each class on which that layer fired. A second table splits the
+word ends by the word's place in its phrase: `space 2` is the separator after a phrase's second word when the
+phrase goes on, `period 2` the end of a phrase of two words. The F1 of the logs counts
 hits on the separators only (`hmlstm.metrics`); this table tells a boundary that is missing from one that is one
 character early (before_*) or late (*_first).
 
@@ -61,6 +63,19 @@ def position_classes(word: torch.Tensor, phrase: torch.Tensor) -> list[str]:
     return out
 
 
+def word_end_positions(word: torch.Tensor, phrase: torch.Tensor) -> list[str]:
+    """word, phrase: (N,) bool true segment ends -> for each word end in order, "space K" or "period K": K is the
+    word's place in its phrase (1 = first), and whether it ends the phrase."""
+    out, k = [], 0
+    for w, p in zip(word.tolist(), phrase.tolist()):
+        if w:
+            k += 1
+            out.append(f"{'period' if p else 'space'} {k}")
+            if p:
+                k = 0
+    return out
+
+
 def initial_model(run_dir: str | Path, trained: HMLSTMLanguageModel) -> HMLSTMLanguageModel:
     """The run's model before its first step: its config.yaml's model arguments and seed, `trained`'s vocabulary.
 
@@ -96,15 +111,23 @@ def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False)
     with torch.no_grad():
         out = model.net(ids, slope=model.slope)
     classes = position_classes(corpus.boundaries["word"][: len(text)], corpus.boundaries["phrase"][: len(text)])
+    word, phrase = corpus.boundaries["word"][: len(text)], corpus.boundaries["phrase"][: len(text)]
+    ends = word.nonzero().flatten()
+    positions = word_end_positions(word, phrase)
     result = {"run": str(run_dir), "at_init": at_init, "chars": len(text),
-              "counts": {c: classes.count(c) for c in CLASSES}, "layers": []}
+              "counts": {c: classes.count(c) for c in CLASSES},
+              "word_end_counts": {k: positions.count(k) for k in sorted(set(positions))}, "layers": []}
     for z in out.rnn.z:
         fired = z[0] > 0.5
         by_class = {}
         for c in CLASSES:
             idx = torch.tensor([i for i, k in enumerate(classes) if k == c], dtype=torch.long)
             by_class[c] = float(fired[idx].float().mean()) if len(idx) else float("nan")
-        result["layers"].append({"rate": float(fired.float().mean()), "fired": by_class})
+        at_ends = fired[ends]
+        by_position = {k: float(at_ends[torch.tensor([i for i, q in enumerate(positions) if q == k])].float().mean())
+                       for k in result["word_end_counts"]}
+        result["layers"].append({"rate": float(fired.float().mean()), "fired": by_class,
+                                 "fired_by_word_position": by_position})
     return result
 
 
@@ -113,6 +136,11 @@ def table(result: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for k, layer in enumerate(result["layers"], start=1):
         lines.append(f"| {k} | {layer['rate']:.3f} | " + " | ".join(f"{layer['fired'][c]:.3f}" for c in CLASSES) + " |")
+    keys = list(result["word_end_counts"])
+    lines += ["", "| layer | " + " | ".join(f"{k} (n={result['word_end_counts'][k]})" for k in keys) + " |",
+              "|" + "---|" * (len(keys) + 1)]
+    for k, layer in enumerate(result["layers"], start=1):
+        lines.append(f"| {k} | " + " | ".join(f"{layer['fired_by_word_position'][q]:.2f}" for q in keys) + " |")
     return "\n".join(lines)
 
 

@@ -116,7 +116,7 @@ def test_graph_provider_needs_a_gpu_and_says_so():
 
 
 def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeypatch):
-    from where_fired import main as where_main, position_classes
+    from where_fired import main as where_main, position_classes, word_end_positions
 
     text = "ab c.de f."
     word = torch.tensor([ch in " ." for ch in text])
@@ -124,6 +124,10 @@ def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeyp
     assert position_classes(word, phrase) == ["inner", "before_word", "word_sep", "before_phrase", "phrase_sep",
                                               "phrase_first", "before_word", "word_sep", "before_phrase",
                                               "phrase_sep"]
+    assert word_end_positions(word, phrase) == ["space 1", "period 2", "space 1", "period 2"]
+    text = "a b.c d e."
+    assert word_end_positions(torch.tensor([ch in " ." for ch in text]), torch.tensor([ch == "." for ch in text])) \
+        == ["space 1", "period 2", "space 1", "space 2", "period 3"]
     from hmlstm.cli import main as hmlstm_main
 
     monkeypatch.chdir(tmp_path)
@@ -137,6 +141,10 @@ def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeyp
     result = json.loads((tmp_path / "w.json").read_text())
     assert len(result["layers"]) == 2 and sum(result["counts"].values()) == 500
     assert all(0.0 <= v <= 1.0 for layer in result["layers"] for v in layer["fired"].values())
+    by_position = result["layers"][0]["fired_by_word_position"]
+    assert set(by_position) == set(result["word_end_counts"]) and all(0.0 <= v <= 1.0 for v in by_position.values())
+    # the positions split the word ends: their counts add up to the two separator classes
+    assert sum(result["word_end_counts"].values()) == result["counts"]["phrase_sep"] + result["counts"]["word_sep"]
 
 
 def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, monkeypatch):
