@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from hmlstm.data import SyntheticDataModule
 from hmlstm.training import HMLSTMLanguageModel
+from where_fired import validation_corpus
 
 PATTERNS = ("own", "true_phrases", "own_on_phrases", "own_and_phrases", "word_ends", "never")
 
@@ -44,13 +43,7 @@ def forced_bpc(run_dir: str | Path, chars: int = 6000) -> dict:
     if model.net.rnn.num_layers != 3:
         raise ValueError(f"{run_dir} has {model.net.rnn.num_layers} layers: this table forces layer 2 of a "
                          f"3-layer model")
-    data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
-    if not data["class_path"].endswith("SyntheticDataModule"):
-        raise ValueError(f"{run_dir} trained on {data['class_path']}: this table needs SyntheticDataModule's "
-                         f"true word and phrase ends")
-    dm = SyntheticDataModule(**data.get("init_args", {}))
-    dm.setup()
-    corpus = dm._corpora["val"]
+    corpus = validation_corpus(run_dir)
     ids = model.vocab.encode(corpus.text[: chars + 1])[None]  # (1, N + 1)
     x, y = ids[:, :-1], ids[0, 1:]
     n = x.shape[1]

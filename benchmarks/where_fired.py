@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from hmlstm.data import SyntheticDataModule
+from hmlstm.synthetic import SyntheticCorpus
 from hmlstm.training import HMLSTMLanguageModel
 
 CLASSES = ("phrase_sep", "word_sep", "before_phrase", "before_word", "phrase_first", "word_first", "inner")
@@ -91,6 +92,19 @@ def initial_model(run_dir: str | Path, trained: HMLSTMLanguageModel) -> HMLSTMLa
     return HMLSTMLanguageModel(vocab=trained.vocab.chars, **args)
 
 
+def validation_corpus(run_dir: str | Path) -> SyntheticCorpus:
+    """The validation text and true boundaries of a run on `SyntheticDataModule`, rebuilt from its config.yaml.
+
+    Raises ValueError naming the data module when the run trained on another one (no true boundaries)."""
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["data"]
+    if not data["class_path"].endswith("SyntheticDataModule"):
+        raise ValueError(f"{run_dir} trained on {data['class_path']}: this table needs SyntheticDataModule's "
+                         f"true word and phrase ends")
+    dm = SyntheticDataModule(**data.get("init_args", {}))
+    dm.setup()
+    return dm._corpora["val"]
+
+
 def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False) -> dict:
     """The table's numbers as JSON: per layer the overall rate and the fraction fired in each class."""
     run_dir = Path(run_dir)
@@ -98,14 +112,7 @@ def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False)
     if at_init:
         model = initial_model(run_dir, model)
     model.eval()
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    data = config["data"]
-    if not data["class_path"].endswith("SyntheticDataModule"):
-        raise ValueError(f"{run_dir} trained on {data['class_path']}: this table needs SyntheticDataModule's "
-                         f"true word and phrase ends")
-    dm = SyntheticDataModule(**data.get("init_args", {}))
-    dm.setup()
-    corpus = dm._corpora["val"]
+    corpus = validation_corpus(run_dir)
     text = corpus.text[:chars]
     ids = model.vocab.encode(text)[None]  # (1, N) int64
     with torch.no_grad():
