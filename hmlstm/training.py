@@ -170,7 +170,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
                  boundary_zero_init: bool = False, boundary_peaks: float | list[float] = 0.0,
                  boundary_nesting: float = 0.0, state_reset: float = 0.0,
-                 boundary_rates: Optional[list[Optional[list[float]]]] = None, boundary_rate_step: float = 0.01) -> None:
+                 boundary_rates: Optional[list[Optional[list[float]]]] = None,
+                 boundary_rate_step: float = 0.01) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -326,7 +327,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 self._count_boundaries(stage, out.rnn.z, batch)
         loss = nll
         if stage == "train" and self._bands:
-            self._rates = [float((z > 0.5).float().mean()) for z in out.rnn.z]
+            rates = torch.stack([(z.detach() > 0.5).float().mean() for z in out.rnn.z])  # (L - 1,)
+            if self._distributed:  # one band decision for every process, or their biases would drift apart
+                rates = self.trainer.strategy.reduce(rates, reduce_op="mean")
+            self._rates = rates.tolist()
         if stage == "train" and self.hparams.get("cell", "hmlstm") == "hmlstm":
             charges = training_charges(out.rnn.z, logits, self._costs, self._peaks,
                                        self.hparams.get("boundary_nesting", 0.0))

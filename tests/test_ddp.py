@@ -59,8 +59,11 @@ def fit(tmp_path, name, *extra, capsys=None):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, capsys):
-    one, _ = fit(tmp_path, "one", "--trainer.devices", "1", capsys=capsys)
-    two, log = fit(tmp_path, "two", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    # a rate band that acts on most steps runs under ddp (its rates are reduced over the processes) and leaves
+    # the weights those of one process on the global batch
+    band = ["--model.boundary_rates", "[[0.7,0.8]]", "--model.boundary_rate_step", "0.05"]
+    one, _ = fit(tmp_path, "one", "--trainer.devices", "1", *band, capsys=capsys)
+    two, log = fit(tmp_path, "two", "--trainer.strategy", "ddp", "--trainer.devices", "2", *band)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # really two processes
     assert one["global_step"] == two["global_step"] == 5
     for k, w in one["state_dict"].items():
