@@ -1,13 +1,16 @@
 """Model-quality table of training runs: what `hmlstm fit` logged, summarized per run.
 
     python benchmarks/quality.py NAME=lightning_logs/csv/version_0 NAME2=... --out results/quality.json \
-        [--plot curves.png]
+        [--plot curves.png] [--compare]
 
-Each run is a folder holding the metrics.csv of a CSVLogger. For every run: steps, training wall time,
+Each run is a folder holding the metrics.csv of a CSVLogger (or such a CSV file itself). For every run: steps, training wall time,
 validation BPC (last and best; test BPC when `hmlstm test` logged one into the same file), each layer's
 boundary rate and, where the data has true boundaries, the F1 of each layer against each level at
 tolerance 0 and 1 (`hmlstm.metrics`), all from the last validation. Writes JSON (with a header naming the
 machine and versions) and prints a Markdown table; `--plot` draws validation BPC against steps and wall time.
+`--compare` adds two tables (and JSON entries): every run at the validation steps they all reached, and every
+run's best validation BPC so far at the wall time of each validation of the first run. Wall times compare only
+between runs that shared the machine the same way (side by side from the same start, or each alone).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ def _float(v: str) -> float:
 
 
 def read_run(folder: str | Path) -> dict:
-    """The summary of one run folder (its metrics.csv)."""
-    path = Path(folder) / "metrics.csv"
+    """The summary of one run: a folder holding its metrics.csv, or the CSV file itself."""
+    path = Path(folder) if str(folder).endswith(".csv") else Path(folder) / "metrics.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.csv in {folder}")
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
     rows = list(csv.DictReader(path.open()))
     wall = [(int(r["step"]), _float(r["train/wall_s"])) for r in rows if r.get("train/wall_s")]
     vals = [r for r in rows if r.get("val/bpc")]
@@ -41,22 +44,58 @@ def read_run(folder: str | Path) -> dict:
         before = [w for s, w in wall if s <= step]
         return before[-1] if before else math.nan
 
+    def point(r: dict) -> dict:
+        return {"step": int(r["step"]), "wall_s": wall_at(int(r["step"])), "val_bpc": _float(r["val/bpc"]),
+                "rates": _rates(r), "f1": _f1(r)}
+
     last = vals[-1]
     out = {
         "steps": int(last["step"]),
         "wall_s": wall_at(int(last["step"])),
         "val_bpc": _float(last["val/bpc"]),
         "best_val_bpc": min(_float(r["val/bpc"]) for r in vals),
-        "curve": [{"step": int(r["step"]), "wall_s": wall_at(int(r["step"])), "val_bpc": _float(r["val/bpc"])}
-                  for r in vals],
+        "curve": [point(r) for r in vals],
     }
     tests = [r for r in rows if r.get("test/bpc")]
     if tests:
         out["test_bpc"] = _float(tests[-1]["test/bpc"])
-    out["rates"] = {k.split("_l")[-1]: _float(v) for k, v in last.items()
-                    if k.startswith("val/boundary_rate_l") and v}
-    out["f1"] = {k[len("val/"):]: _float(v) for k, v in last.items() if re.match(r"val/f1_(tol\d+_)?l\d+_", k) and v}
+    out["rates"] = _rates(last)
+    out["f1"] = _f1(last)
     out.update(stability(rows))
+    return out
+
+
+def _rates(row: dict) -> dict:
+    """{layer: boundary rate} of one validation row."""
+    return {k.split("_l")[-1]: _float(v) for k, v in row.items() if k.startswith("val/boundary_rate_l") and v}
+
+
+def _f1(row: dict) -> dict:
+    """{"f1_l1_word": F1, "f1_tol1_l1_word": F1, ...} of one validation row."""
+    return {k[len("val/"):]: _float(v) for k, v in row.items() if re.match(r"val/f1_(tol\d+_)?l\d+_", k) and v}
+
+
+def at_equal_steps(runs: dict[str, dict]) -> list[dict]:
+    """Every run at each validation step all of them reached: [{"step": s, NAME: curve point, ...}]."""
+    by_step = {name: {p["step"]: p for p in r["curve"]} for name, r in runs.items()}
+    common = sorted(set.intersection(*(set(s) for s in by_step.values())))
+    return [{"step": s, **{name: pts[s] for name, pts in by_step.items()}} for s in common]
+
+
+def at_equal_wall(runs: dict[str, dict]) -> list[dict]:
+    """At the wall time of each validation of the first run: each other run's best validation BPC among those it
+    logged by then, and at which step. [{"step", "wall_s", FIRST: bpc, NAME: {"best_val_bpc", "step"} or None}]"""
+    (first, base), *others = runs.items()
+    out = []
+    for p in base["curve"]:
+        if math.isnan(p["wall_s"]):
+            continue
+        row = {"step": p["step"], "wall_s": p["wall_s"], first: p["val_bpc"]}
+        for name, r in others:
+            seen = [q for q in r["curve"] if q["wall_s"] <= p["wall_s"]]
+            best = min(seen, key=lambda q: q["val_bpc"]) if seen else None
+            row[name] = {"best_val_bpc": best["val_bpc"], "step": best["step"]} if best else None
+        out.append(row)
     return out
 
 
@@ -108,6 +147,27 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_tables(runs: dict[str, dict]) -> str:
+    """Markdown: validation BPC (layer-1 F1 against words where logged) at equal steps, then at equal wall time."""
+    names = list(runs)
+    lines = ["At equal steps (validation BPC; layer-1 F1 against words, tolerance 0, where logged):", "",
+             "| step | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
+    for row in at_equal_steps(runs):
+        cells = []
+        for n in names:
+            p = row[n]
+            f1 = p["f1"].get("f1_l1_word")
+            cells.append(f"{p['val_bpc']:.4f}" + (f", {f1:.3f}" if f1 is not None else ""))
+        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    lines += ["", f"At the wall time of each validation of {names[0]} (the others' best validation BPC by then, "
+              "and its step):", "", "| step | wall | " + " | ".join(names) + " |", "|---:|---:|" + "---|" * len(names)]
+    for row in at_equal_wall(runs):
+        cells = [f"{row[names[0]]:.4f}"] + [
+            "-" if row[n] is None else f"{row[n]['best_val_bpc']:.4f} (step {row[n]['step']})" for n in names[1:]]
+        lines.append(f"| {row['step']} | {row['wall_s']:.0f} s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(runs: dict[str, dict], out: str) -> None:
     import matplotlib
 
@@ -132,9 +192,11 @@ def plot(runs: dict[str, dict], out: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="NAME=FOLDER (a folder with metrics.csv)")
+    p.add_argument("runs", nargs="+", help="NAME=FOLDER (a folder with metrics.csv) or NAME=FILE.csv")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--plot", help="PNG of validation BPC against steps and wall time")
+    p.add_argument("--compare", action="store_true",
+                   help="also tabulate the runs at equal steps and at the first run's wall times")
     a = p.parse_args(argv)
     runs = {}
     for spec in a.runs:
@@ -143,9 +205,16 @@ def main(argv=None) -> None:
             p.error(f"runs must be NAME=FOLDER, got {spec!r}")
         runs[name] = read_run(folder)
     print(table(runs))
+    doc = {"header": header(), "runs": runs}
+    if a.compare:
+        print()
+        print(compare_tables(runs))
+        doc["equal_steps"] = [{"step": row["step"], **{n: row[n]["val_bpc"] for n in runs}}
+                              for row in at_equal_steps(runs)]
+        doc["equal_wall"] = at_equal_wall(runs)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"header": header(), "runs": runs}, indent=1))
+        Path(a.out).write_text(json.dumps(doc, indent=1))
     if a.plot:
         plot(runs, a.plot)
 

@@ -274,3 +274,50 @@ def test_seeds_trains_each_seed_once_and_counts_the_targets(tmp_path):
     assert metrics.stat().st_mtime_ns == stamp and again["runs"] == result["runs"]
     with pytest.raises(SystemExit):
         seeds_main(["--config", "synthetic.yaml", "--seeds", "1", "--dir", str(tmp_path), "--target", "f1_l1_word"])
+
+
+def _write_metrics(path: Path, vals: list[tuple[int, float, float]], walls: list[tuple[int, float]]) -> None:
+    """A CSVLogger-like metrics.csv: validation rows (step, wall-free BPC, layer-1 F1) and training rows (step,
+    wall clock), each row holding only its own keys, as Lightning writes them."""
+    import csv
+
+    keys = ["epoch", "step", "train/wall_s", "train/bpc_step", "val/bpc", "val/f1_l1_word", "val/boundary_rate_l1"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for step, wall in walls:
+            w.writerow({"epoch": 0, "step": step, "train/wall_s": wall, "train/bpc_step": 2.0})
+        for step, bpc, f1 in vals:
+            w.writerow({"epoch": 0, "step": step, "val/bpc": bpc, "val/f1_l1_word": f1, "val/boundary_rate_l1": 0.3})
+
+
+def test_quality_compares_runs_at_equal_steps_and_at_the_first_runs_wall_times(tmp_path):
+    """benchmarks/quality.py --compare: the steps every run validated at, with each run's own values there, and at
+    each validation of the first run the others' best BPC among the validations they logged by that wall time."""
+    from quality import at_equal_steps, at_equal_wall, main as quality_main, read_run
+
+    # A is slower per step than B; B validated at one step A never reached.
+    _write_metrics(tmp_path / "a" / "metrics.csv", [(10, 2.0, 0.5), (20, 1.8, 0.6), (30, 1.7, 0.7)],
+                   [(10, 100.0), (20, 200.0), (30, 300.0)])
+    _write_metrics(tmp_path / "b.csv", [(10, 1.9, 0.4), (20, 1.95, 0.4), (25, 1.6, 0.4), (30, 1.75, 0.4)],
+                   [(10, 60.0), (20, 120.0), (25, 150.0), (30, 180.0)])
+    runs = {"A": read_run(tmp_path / "a"), "B": read_run(tmp_path / "b.csv")}
+    steps = at_equal_steps(runs)
+    assert [r["step"] for r in steps] == [10, 20, 30]
+    assert [(r["A"]["val_bpc"], r["B"]["val_bpc"]) for r in steps] == [(2.0, 1.9), (1.8, 1.95), (1.7, 1.75)]
+    assert steps[1]["A"]["f1"]["f1_l1_word"] == 0.6
+    wall = at_equal_wall(runs)
+    assert [(r["step"], r["wall_s"], r["A"]) for r in wall] == [(10, 100.0, 2.0), (20, 200.0, 1.8), (30, 300.0, 1.7)]
+    # by 100 s B had validated at step 10 only; by 200 s at every step, its best being step 25's (not its last)
+    assert wall[0]["B"] == {"best_val_bpc": 1.9, "step": 10}
+    assert wall[1]["B"] == wall[2]["B"] == {"best_val_bpc": 1.6, "step": 25}
+    reverse = at_equal_wall({"B": runs["B"], "A": runs["A"]})
+    assert reverse[0]["A"] is None  # by B's first validation (60 s) A had not validated
+    quality_main([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b.csv'}", "--compare", "--out", str(tmp_path / "q.json")])
+    doc = json.loads((tmp_path / "q.json").read_text())
+    assert doc["equal_steps"] == [{"step": 10, "A": 2.0, "B": 1.9}, {"step": 20, "A": 1.8, "B": 1.95},
+                                  {"step": 30, "A": 1.7, "B": 1.75}]
+    assert doc["equal_wall"][1]["B"]["step"] == 25
+    with pytest.raises(FileNotFoundError, match="metrics.csv"):
+        read_run(tmp_path / "missing")
