@@ -1,7 +1,7 @@
 """Model-quality table of training runs: what `hmlstm fit` logged, summarized per run.
 
     python benchmarks/quality.py NAME=lightning_logs/csv/version_0 NAME2=... --out results/quality.json \
-        [--plot curves.png] [--compare]
+        [--plot curves.png] [--compare [steps]]
 
 Each run is a folder holding the metrics.csv of a CSVLogger (or such a CSV file itself). For every run: steps, training wall time,
 validation BPC (last and best; test BPC when `hmlstm test` logged one into the same file), each layer's
@@ -10,7 +10,8 @@ tolerance 0 and 1 (`hmlstm.metrics`), all from the last validation. Writes JSON 
 machine and versions) and prints a Markdown table; `--plot` draws validation BPC against steps and wall time.
 `--compare` adds two tables (and JSON entries): every run at the validation steps they all reached, and every
 run's best validation BPC so far at the wall time of each validation of the first run. Wall times compare only
-between runs that shared the machine the same way (side by side from the same start, or each alone).
+between runs that shared the machine the same way (side by side from the same start, or each alone): for runs
+that did not, `--compare steps` leaves the wall-time table out.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_tables(runs: dict[str, dict]) -> str:
-    """Markdown: validation BPC (layer-1 F1 against words where logged) at equal steps, then at equal wall time."""
+def compare_tables(runs: dict[str, dict], wall: bool = True) -> str:
+    """Markdown: validation BPC (layer-1 F1 against words where logged) at equal steps, then (`wall`) at equal
+    wall time."""
     names = list(runs)
     lines = ["At equal steps (validation BPC; layer-1 F1 against words, tolerance 0, where logged):", "",
              "| step | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
@@ -159,6 +161,8 @@ def compare_tables(runs: dict[str, dict]) -> str:
             f1 = p["f1"].get("f1_l1_word")
             cells.append(f"{p['val_bpc']:.4f}" + (f", {f1:.3f}" if f1 is not None else ""))
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+    if not wall:
+        return "\n".join(lines)
     lines += ["", f"At the wall time of each validation of {names[0]} (the others' best validation BPC by then, "
               "and its step):", "", "| step | wall | " + " | ".join(names) + " |", "|---:|---:|" + "---|" * len(names)]
     for row in at_equal_wall(runs):
@@ -195,8 +199,8 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", help="NAME=FOLDER (a folder with metrics.csv) or NAME=FILE.csv")
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--plot", help="PNG of validation BPC against steps and wall time")
-    p.add_argument("--compare", action="store_true",
-                   help="also tabulate the runs at equal steps and at the first run's wall times")
+    p.add_argument("--compare", nargs="?", const="both", choices=["both", "steps"],
+                   help="also tabulate the runs at equal steps and (unless 'steps') at the first run's wall times")
     a = p.parse_args(argv)
     runs = {}
     for spec in a.runs:
@@ -208,10 +212,11 @@ def main(argv=None) -> None:
     doc = {"header": header(), "runs": runs}
     if a.compare:
         print()
-        print(compare_tables(runs))
+        print(compare_tables(runs, wall=a.compare == "both"))
         doc["equal_steps"] = [{"step": row["step"], **{n: row[n]["val_bpc"] for n in runs}}
                               for row in at_equal_steps(runs)]
-        doc["equal_wall"] = at_equal_wall(runs)
+        if a.compare == "both":
+            doc["equal_wall"] = at_equal_wall(runs)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(doc, indent=1))

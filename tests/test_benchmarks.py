@@ -319,5 +319,9 @@ def test_quality_compares_runs_at_equal_steps_and_at_the_first_runs_wall_times(t
     assert doc["equal_steps"] == [{"step": 10, "A": 2.0, "B": 1.9}, {"step": 20, "A": 1.8, "B": 1.95},
                                   {"step": 30, "A": 1.7, "B": 1.75}]
     assert doc["equal_wall"][1]["B"]["step"] == 25
+    quality_main([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b.csv'}", "--compare", "steps", "--out",
+                  str(tmp_path / "s.json")])
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert "equal_steps" in doc and "equal_wall" not in doc
     with pytest.raises(FileNotFoundError, match="metrics.csv"):
         read_run(tmp_path / "missing")
