@@ -3,8 +3,8 @@
     python benchmarks/quality.py NAME=lightning_logs/csv/version_0 NAME2=... --out results/quality.json \
         [--plot curves.png] [--compare [steps]]
 
-Each run is a folder holding the metrics.csv of a CSVLogger (or such a CSV file itself). For every run: steps, training wall time,
-validation BPC (last and best; test BPC when `hmlstm test` logged one into the same file), each layer's
+Each run is a folder holding the metrics.csv of a CSVLogger, or such a CSV file itself. For every run: steps,
+training wall time, validation BPC (last and best; test BPC when `hmlstm test` logged one into the same file), each layer's
 boundary rate and, where the data has true boundaries, the F1 of each layer against each level at
 tolerance 0 and 1 (`hmlstm.metrics`), all from the last validation. Writes JSON (with a header naming the
 machine and versions) and prints a Markdown table; `--plot` draws validation BPC against steps and wall time.
@@ -148,24 +148,23 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def compare_tables(runs: dict[str, dict], wall: bool = True) -> str:
-    """Markdown: validation BPC (layer-1 F1 against words where logged) at equal steps, then (`wall`) at equal
-    wall time."""
-    names = list(runs)
+def compare_tables(names: list[str], steps: list[dict], wall: list[dict] | None) -> str:
+    """Markdown: validation BPC (layer-1 F1 against words where logged) at equal steps (`at_equal_steps`), then,
+    where given, at equal wall time (`at_equal_wall`)."""
     lines = ["At equal steps (validation BPC; layer-1 F1 against words, tolerance 0, where logged):", "",
              "| step | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
-    for row in at_equal_steps(runs):
+    for row in steps:
         cells = []
         for n in names:
             p = row[n]
             f1 = p["f1"].get("f1_l1_word")
             cells.append(f"{p['val_bpc']:.4f}" + (f", {f1:.3f}" if f1 is not None else ""))
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
-    if not wall:
+    if wall is None:
         return "\n".join(lines)
     lines += ["", f"At the wall time of each validation of {names[0]} (the others' best validation BPC by then, "
               "and its step):", "", "| step | wall | " + " | ".join(names) + " |", "|---:|---:|" + "---|" * len(names)]
-    for row in at_equal_wall(runs):
+    for row in wall:
         cells = [f"{row[names[0]]:.4f}"] + [
             "-" if row[n] is None else f"{row[n]['best_val_bpc']:.4f} (step {row[n]['step']})" for n in names[1:]]
         lines.append(f"| {row['step']} | {row['wall_s']:.0f} s | " + " | ".join(cells) + " |")
@@ -212,11 +211,12 @@ def main(argv=None) -> None:
     doc = {"header": header(), "runs": runs}
     if a.compare:
         print()
-        print(compare_tables(runs, wall=a.compare == "both"))
-        doc["equal_steps"] = [{"step": row["step"], **{n: row[n]["val_bpc"] for n in runs}}
-                              for row in at_equal_steps(runs)]
-        if a.compare == "both":
-            doc["equal_wall"] = at_equal_wall(runs)
+        steps = at_equal_steps(runs)
+        wall = at_equal_wall(runs) if a.compare == "both" else None
+        print(compare_tables(list(runs), steps, wall))
+        doc["equal_steps"] = [{"step": row["step"], **{n: row[n]["val_bpc"] for n in runs}} for row in steps]
+        if wall is not None:
+            doc["equal_wall"] = wall
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(doc, indent=1))

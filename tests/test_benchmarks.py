@@ -277,7 +277,7 @@ def test_seeds_trains_each_seed_once_and_counts_the_targets(tmp_path):
 
 
 def _write_metrics(path: Path, vals: list[tuple[int, float, float]], walls: list[tuple[int, float]]) -> None:
-    """A CSVLogger-like metrics.csv: validation rows (step, wall-free BPC, layer-1 F1) and training rows (step,
+    """A CSVLogger-like metrics.csv: validation rows (step, BPC, layer-1 F1) and training rows (step,
     wall clock), each row holding only its own keys, as Lightning writes them."""
     import csv
 
