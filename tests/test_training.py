@@ -221,6 +221,31 @@ def test_gradient_norm_before_clipping_is_logged(tmp_path):
     assert logged > 1e-3 and probe.after <= 1e-4 * 1.001  # the optimizer saw clipped gradients, the log did not
 
 
+def test_training_bpc_over_the_last_100_steps_is_logged(tmp_path, monkeypatch):
+    """`train/bpc_100` is the mean of the last BPC_WINDOW steps' training BPC (fewer at the start): with the
+    window shrunk to 3, after 5 steps it equals the mean of steps 3-5's `train/bpc_step`, not of all five."""
+    import hmlstm.training as training
+
+    monkeypatch.setattr(training, "BPC_WINDOW", 3)
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.bpc, self.window = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.bpc.append(float(trainer.callback_metrics["train/bpc_step"]))
+            self.window.append(float(trainer.callback_metrics["train/bpc_100"]))
+
+    rec = Record()
+    t = trainer(tmp_path, limit_train_batches=5, callbacks=[rec])
+    t.fit(HMLSTMLanguageModel(**TINY), tiny_data())
+    assert len(rec.bpc) == 5 and len(set(rec.bpc)) == 5
+    assert rec.window[0] == pytest.approx(rec.bpc[0], rel=1e-6)
+    assert rec.window[1] == pytest.approx(sum(rec.bpc[:2]) / 2, rel=1e-6)
+    assert rec.window[4] == pytest.approx(sum(rec.bpc[2:]) / 3, rel=1e-6)
+    assert rec.window[4] != pytest.approx(sum(rec.bpc) / 5, rel=1e-6)
+
+
 def test_export_keeps_the_model_and_drops_the_run_state(tmp_path, capsys):
     """`hmlstm export`: same weights, hyperparameters and samples as the training checkpoint, without the optimizer
     moments, the carried state and the RNG state (so the file is smaller), and a validate run accepts it."""
