@@ -100,20 +100,31 @@ def at_equal_wall(runs: dict[str, dict]) -> list[dict]:
     return out
 
 
+def _largest_rise(points: list[tuple[int, float]], span: int = 100) -> float:
+    """The largest b2 - b1 over logged (step, b) pairs at most span steps apart (0 with fewer than two)."""
+    rises = [b2 - b1 for s1, b1 in points for s2, b2 in points if 0 < s2 - s1 <= span]
+    return max(rises) if rises else 0.0
+
+
 def stability(rows: list[dict]) -> dict:
-    """The PTB criteria of a stable run, over the logged steps after the first epoch: the largest rise of the
-    training BPC within 100 steps, and the largest gradient norm (before clipping) over the running median of
-    the norms logged before it. Both read what the run logged (every `log_every_n_steps`)."""
+    """The PTB criteria of a stable run, over the logged steps after the first epoch: the largest rise within 100
+    steps of the training BPC, of single batches (`bpc_rise_100_steps`) and, where the run logged it, of its mean
+    over the last 100 steps (`bpc_100_rise_100_steps`: the training BPC over 100 steps, which a single batch's
+    difficulty does not move), and the largest gradient norm (before clipping) over the running median of the
+    norms logged before it. All read what the run logged (every `log_every_n_steps`)."""
     out = {}
     steps = [(int(r["step"]), int(r["epoch"]), _float(r["train/bpc_step"]), _float(r.get("train/grad_norm", "")))
              for r in rows if r.get("train/bpc_step")]
     grads = [g for _, _, _, g in steps if not math.isnan(g)]
     if grads:
         out["grad_norm_max"] = max(grads)
-    later = [(s, b, g) for s, e, b, g in steps if e >= 1]
+    later = [(s, b) for s, e, b, _ in steps if e >= 1]
     if later:
-        out["bpc_rise_100_steps"] = max(b2 - b1 for s1, b1, _ in later for s2, b2, _ in later if 0 < s2 - s1 <= 100) \
-            if len(later) > 1 else 0.0
+        out["bpc_rise_100_steps"] = _largest_rise(later)
+    window = [(int(r["step"]), _float(r["train/bpc_100"])) for r in rows
+              if r.get("train/bpc_100") and int(r["epoch"]) >= 1]
+    if window:
+        out["bpc_100_rise_100_steps"] = _largest_rise(window)
     ratios, seen = [], []
     for _, _, _, g in steps:
         if math.isnan(g):
@@ -145,6 +156,19 @@ def table(runs: dict[str, dict]) -> str:
               else "-" for k in levels]
         wall = "-" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.0f} s"
         lines.append(f"| {name} | {r['steps']} | {wall} | {r['val_bpc']:.4f} | {rates} | " + " | ".join(f1) + " |")
+    return "\n".join(lines)
+
+
+def stability_table(runs: dict[str, dict]) -> str:
+    """Markdown: each run's `stability` figures after its first epoch ("-" where it did not log them)."""
+    def cell(r: dict, key: str, fmt: str, unit: str = "") -> str:
+        return format(r[key], fmt) + unit if key in r else "-"
+
+    lines = ["| run | training BPC rise in 100 steps: single batch | the same, 100-step mean | largest grad norm / "
+             "running median |", "|---|---:|---:|---:|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {cell(r, 'bpc_rise_100_steps', '.3f')} | {cell(r, 'bpc_100_rise_100_steps', '.3f')}"
+                     f" | {cell(r, 'grad_norm_over_running_median', '.2f', 'x')} |")
     return "\n".join(lines)
 
 
@@ -208,6 +232,8 @@ def main(argv=None) -> None:
             p.error(f"runs must be NAME=FOLDER, got {spec!r}")
         runs[name] = read_run(folder)
     print(table(runs))
+    print()
+    print(stability_table(runs))
     doc = {"header": header(), "runs": runs}
     if a.compare:
         print()

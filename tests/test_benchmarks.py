@@ -325,3 +325,29 @@ def test_quality_compares_runs_at_equal_steps_and_at_the_first_runs_wall_times(t
     assert "equal_steps" in doc and "equal_wall" not in doc
     with pytest.raises(FileNotFoundError, match="metrics.csv"):
         read_run(tmp_path / "missing")
+
+
+def test_quality_stability_reads_single_batches_and_the_100_step_mean_after_the_first_epoch():
+    """benchmarks/quality.py `stability`: the largest rise within 100 steps of the single-batch BPC and of the logged
+    100-step mean, from epoch 1 on (a larger rise in epoch 0 is not counted), and the gradient norm over the running
+    median of the norms before it."""
+    from quality import stability, stability_table
+
+    def row(step, epoch, bpc, mean=None, grad=1.0):
+        r = {"step": str(step), "epoch": str(epoch), "train/bpc_step": str(bpc), "train/grad_norm": str(grad)}
+        if mean is not None:
+            r["train/bpc_100"] = str(mean)
+        return r
+
+    rows = [row(0, 0, 3.0, 3.0), row(50, 0, 2.0, 2.5), row(100, 0, 2.9, 2.6, grad=2.0),  # epoch 0: rises of 0.9
+            row(150, 1, 1.50, 1.60), row(200, 1, 1.70, 1.62), row(250, 1, 1.45, 1.58),
+            row(300, 1, 1.60, 1.65, grad=20.0), row(450, 1, 1.90, 1.60)]  # 1.90 is 200 steps after 1.45: not counted
+    s = stability(rows)
+    assert s["bpc_rise_100_steps"] == pytest.approx(0.20)  # 1.50 -> 1.70
+    assert s["bpc_100_rise_100_steps"] == pytest.approx(0.07)  # 1.58 -> 1.65
+    assert s["grad_norm_max"] == 20.0
+    assert s["grad_norm_over_running_median"] == pytest.approx(20.0)  # the median of 1, 1, 2, 1, 1, 1 is 1
+    assert "bpc_100_rise_100_steps" not in stability([{k: v for k, v in r.items() if k != "train/bpc_100"}
+                                                      for r in rows])
+    table = stability_table({"A": {**s, "val_bpc": 1.5}, "B": {}})
+    assert "| A | 0.200 | 0.070 | 20.00x |" in table and "| B | - | - | - |" in table
