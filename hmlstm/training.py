@@ -326,8 +326,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         self.log(f"{stage}/bpc", nll / LN2, on_step=False, on_epoch=True, batch_size=n, prog_bar=stage != "train",
                  sync_dist=sync)
         if stage == "train":
-            self.log("train/bpc_step", nll.detach() / LN2, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-            self._recent_bpc.append(nll.detach() / LN2)
+            bpc = nll.detach() / LN2
+            self.log("train/bpc_step", bpc, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+            self._recent_bpc.append(bpc)
             self.log("train/bpc_100", torch.stack(tuple(self._recent_bpc)).mean(), on_step=True, on_epoch=False,
                      batch_size=n)
         with torch.no_grad():
