@@ -44,6 +44,27 @@ def test_shipped_configs_and_default():
     assert args == ["fit", "--config", str(shipped_config("ptb.yaml"))]
 
 
+def test_ptb_config_trains_with_its_measured_options_and_its_baseline_drops_the_reset(capsys):
+    """ptb.yaml sets the three training options its README rows were measured with, and the LSTM baseline's
+    documented command (`--model.cell lstm --model.state_reset 0`) gives the LN-LSTM those rows ran against."""
+    def resolved(*extra):
+        result = run_cli(["fit", "--config", "ptb.yaml", *extra, "--print_config"], capsys)
+        return yaml.safe_load(assert_ok(result))["model"]
+
+    hm = resolved()
+    assert (hm["cell"], hm["loss_reduction"], hm["boundary_peaks"], hm["state_reset"]) == \
+        ("hmlstm", "sum_time", [0.5, 0.0], 0.05)
+    assert (hm["hidden_sizes"], hm["layer_norm"], hm["lr"], hm["lr_factor"]) == ([512, 512, 512], True, 0.002, 0.02)
+    lstm = resolved("--model.cell", "lstm", "--model.state_reset", "0")
+    assert (lstm["cell"], lstm["loss_reduction"], lstm["state_reset"]) == ("lstm", "sum_time", 0.0)
+    paper = resolved("--model.loss_reduction", "mean", "--model.boundary_peaks", "0", "--model.state_reset", "0")
+    assert (paper["loss_reduction"], paper["boundary_peaks"], paper["state_reset"]) == ("mean", 0.0, 0.0)
+    from hmlstm.training import HMLSTMLanguageModel
+    assert HMLSTMLanguageModel(**hm)._peaks == [0.5, 0.0]  # the options build as resolved
+    with pytest.warns(UserWarning, match="boundary_peaks=.* is unused"):  # said, not fatal
+        assert HMLSTMLanguageModel(**lstm)._peaks == []
+
+
 @pytest.mark.slow
 def test_cli_fit_validate_generate_boundaries(tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "tiny.txt"
