@@ -14,6 +14,7 @@ import yaml
 
 from cli_run import assert_ok, run_cli
 from hmlstm.cli import _with_configs, shipped_config
+from hmlstm.training import HMLSTMLanguageModel
 
 TINY_MODEL = ["--model.hidden_sizes", "[8, 8]", "--model.embed_size", "8", "--model.output_size", "16",
               "--model.layer_norm", "false", "--model.backend", "reference"]
@@ -59,7 +60,6 @@ def test_ptb_config_trains_with_its_measured_options_and_its_baseline_drops_the_
     assert (lstm["cell"], lstm["loss_reduction"], lstm["state_reset"]) == ("lstm", "sum_time", 0.0)
     paper = resolved("--model.loss_reduction", "mean", "--model.boundary_peaks", "0", "--model.state_reset", "0")
     assert (paper["loss_reduction"], paper["boundary_peaks"], paper["state_reset"]) == ("mean", 0.0, 0.0)
-    from hmlstm.training import HMLSTMLanguageModel
     assert HMLSTMLanguageModel(**hm)._peaks == [0.5, 0.0]  # the options build as resolved
     with pytest.warns(UserWarning, match="boundary_peaks=.* is unused"):  # said, not fatal
         assert HMLSTMLanguageModel(**lstm)._peaks == []
