@@ -94,6 +94,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         lr: Adam learning rate (PTB 0.002, text8/enwik8 0.001).
         lr_factor: multiplies the learning rate when the validation NLL stops improving (paper: 1/50).
         lr_patience: epochs without improvement before that happens (0: the first one).
+        lr_milestones: epochs after which the learning rate is multiplied by lr_factor, in place of the plateau
+            rule (e.g. [5]: once, after the fifth epoch). A fixed schedule: two models compared at equal steps
+            then drop at the same step, which the plateau rule does not promise.
         vocab: the characters of the vocabulary. Leave it unset when training: it is taken from the data
             module and stored here, so that a checkpoint is self-contained.
         byte_level: the vocabulary's characters stand for bytes (enwik8); also filled from the data module.
@@ -168,7 +171,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
     def __init__(self, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128, output_size: int = 512,
                  boundary: Optional[str] = None, copy_boundary: Optional[str] = None, layer_norm: bool = True,
                  backend: str = "auto", lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0,
-                 vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
+                 lr_milestones: Optional[list[int]] = None, vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
                  boundary_bias: Optional[float | list[Optional[float]]] = None, adam_beta2: float = 0.999,
                  weight_decay: float = 0.0,
@@ -208,6 +211,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 < lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
+        if lr_milestones is not None and (not lr_milestones or any(int(m) != m or m < 1 for m in lr_milestones)
+                                          or list(lr_milestones) != sorted(set(lr_milestones))):
+            raise ValueError(f"lr_milestones must be None or a non-empty increasing list of epoch counts >= 1, "
+                             f"e.g. [5], got {lr_milestones}")
         self.save_hyperparameters()
         self._costs = costs if cell == "hmlstm" else []  # one per boundary layer; [] when off
         peaks = parse_costs(boundary_peaks, len(hidden_sizes), "boundary_peaks")
@@ -514,6 +521,11 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         hp = self.hparams
         opt = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=(0.9, hp.get("adam_beta2", 0.999)),
                                weight_decay=hp.get("weight_decay", 0.0))
+        milestones = hp.get("lr_milestones")
+        if milestones:
+            # stepped once per epoch end: after epoch m (counted from 1) the rate is multiplied by lr_factor
+            fixed = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=hp.lr_factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": fixed, "interval": "epoch"}}
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.hparams.lr_factor,
                                                              patience=self.hparams.lr_patience)
         # strict=False: runs without validation (limit_val_batches=0) keep the learning rate instead of failing

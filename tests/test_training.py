@@ -128,6 +128,24 @@ def test_lr_divided_by_50_on_plateau():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 / 50)
 
 
+def test_lr_milestones_drop_at_fixed_epochs_whatever_validation_says(tmp_path):
+    class RecordLR(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: dict[int, float] = {}
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.seen[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    rec = RecordLR()
+    t = trainer(tmp_path, max_epochs=4, limit_train_batches=2, limit_val_batches=1, callbacks=[rec])
+    # validation improving or not, the rate drops after epochs 1 and 3 (counted from 1) and nowhere else
+    t.fit(HMLSTMLanguageModel(**TINY, lr=0.01, lr_factor=0.5, lr_milestones=[1, 3]), tiny_data())
+    assert rec.seen == pytest.approx({0: 0.01, 1: 0.005, 2: 0.005, 3: 0.0025})
+    for bad in ([], [0], [3, 1], [2, 2]):
+        with pytest.raises(ValueError, match="lr_milestones"):
+            HMLSTMLanguageModel(**TINY, lr_milestones=bad)
+
+
 def test_checkpoint_is_self_contained_and_generates(tmp_path):
     dm = tiny_data()
     model = HMLSTMLanguageModel(**TINY)
