@@ -92,7 +92,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         boundary, copy_boundary, layer_norm, backend: passed to `HMLSTM` (boundary and copy_boundary default to
             "step" and "hold"; with cell="lstm" only layer_norm and backend apply).
         lr: Adam learning rate (PTB 0.002, text8/enwik8 0.001).
-        lr_factor: multiplies the learning rate when the validation NLL stops improving (paper: 1/50).
+        lr_factor: multiplies the learning rate when the validation NLL stops improving (paper: 1/50), or at
+            each of lr_milestones when given.
         lr_patience: epochs without improvement before that happens (0: the first one).
         lr_milestones: epochs after which the learning rate is multiplied by lr_factor, in place of the plateau
             rule (e.g. [5]: once, after the fifth epoch). A fixed schedule: two models compared at equal steps
@@ -171,7 +172,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
     def __init__(self, hidden_sizes: Sequence[int] = (512, 512, 512), embed_size: int = 128, output_size: int = 512,
                  boundary: Optional[str] = None, copy_boundary: Optional[str] = None, layer_norm: bool = True,
                  backend: str = "auto", lr: float = 0.002, lr_factor: float = 1 / 50, lr_patience: int = 0,
-                 lr_milestones: Optional[list[int]] = None, vocab: Optional[str] = None, byte_level: bool = False, nonfinite: str = "raise", cell: str = "hmlstm",
+                 lr_milestones: Optional[list[int]] = None, vocab: Optional[str] = None, byte_level: bool = False,
+                 nonfinite: str = "raise", cell: str = "hmlstm",
                  loss_reduction: str = "mean", boundary_norm_cap: Optional[float] = None,
                  boundary_bias: Optional[float | list[Optional[float]]] = None, adam_beta2: float = 0.999,
                  weight_decay: float = 0.0,
