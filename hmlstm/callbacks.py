@@ -1,8 +1,13 @@
-"""Training callbacks: the slope schedule of the boundary detector."""
+"""Training callbacks: the slope schedule of the boundary detector, and a `last.ckpt` that is always the newest."""
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.trainer.states import TrainerFn
 
 
 class SlopeAnnealing(pl.Callback):
@@ -29,3 +34,44 @@ class SlopeAnnealing(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.slope.fill_(self.slope_at(trainer.current_epoch))
+
+
+class LatestCheckpoint(Checkpoint):
+    """Writes `last.ckpt`, in the folder of the trainer's first ModelCheckpoint, after every validation of a fit
+    and when the fit ends, so that it always holds the newest state (what `--ckpt_path .../last.ckpt` resumes).
+
+    Why: Lightning's `ModelCheckpoint(save_last=True)` writes last.ckpt only at a step where that callback saved a
+    checkpoint of its own; with a monitored metric and save_top_k=1 that is a step where the metric improved, so
+    after a validation that did not improve, last.ckpt is the best epoch's state, not the newest. A Checkpoint
+    subclass, so Lightning runs it after the ModelCheckpoints it follows in the callback list: when both write
+    last.ckpt at one step, this one's copy (which records their updated state) is the one kept. It writes nothing
+    without a ModelCheckpoint (nowhere to write), during sanity checks, or outside `fit`. The `hmlstm` CLI adds it.
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self) -> None:
+        self._saved_step: Optional[int] = None
+
+    @staticmethod
+    def path(trainer: pl.Trainer) -> Optional[str]:
+        """Where it writes: last.ckpt beside the first ModelCheckpoint's files, or None without one."""
+        callback = trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        return None if dirpath is None else os.path.join(dirpath, LatestCheckpoint.FILENAME)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
+            return
+        path = self.path(trainer)
+        if path is None or self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(path)  # every process calls it; the strategy writes once
+        self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a fit stopped by max_steps or max_time ends where no validation ran
+        self._save(trainer)

@@ -29,6 +29,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningCLI
 
+from .callbacks import LatestCheckpoint
 from .data import CharDataModule
 from .metrics import TOLERANCES, BoundaryCounter, word_boundaries
 from .training import (AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing,
@@ -90,8 +91,10 @@ class HMLSTMCLI(LightningCLI):
         parser.add_lightning_class_args(SlopeAnnealing, "slope")
 
     def instantiate_trainer(self, **kwargs):
-        """The Trainer, writing checkpoints atomically unless --trainer.plugins names another CheckpointIO."""
+        """The Trainer, writing checkpoints atomically unless --trainer.plugins names another CheckpointIO, and keeping
+        last.ckpt at the newest state (`LatestCheckpoint`)."""
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(LatestCheckpoint())  # last.ckpt is the newest state, improved or not
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

@@ -174,3 +174,41 @@ def test_paper_configs_checkpoint_mid_epoch_into_last(tmp_path):
     assert "last.ckpt" in names and not any(n.startswith("last-v") for n in names), names
     # steps 3 and 6 by the periodic callback, then step 7 after validation by the other one
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 7
+
+
+def test_cli_last_checkpoint_is_the_newest_state_when_validation_does_not_improve(tmp_path, capsys, monkeypatch):
+    """The CLI's last.ckpt holds the newest state even when the monitored metric stopped improving (Lightning's
+    save_last alone would leave it at the best step), and when a fit stops between validations (max_steps)."""
+    import yaml
+    from cli_run import assert_ok, run_cli
+
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("the cat sat on the mat. a dog ran to the cat. " * 40)
+    # monitoring "step" in mode min: only the first validation is ever the best
+    config = {"trainer": {"callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                         "init_args": {"monitor": "step", "mode": "min", "save_last": True}}]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "config.yaml"), "--data", "hmlstm.data.TextDataModule", "--data.path",
+              str(corpus), "--data.batch_size", "4", "--data.seq_len", "10", "--model.hidden_sizes", "[8, 8]",
+              "--model.embed_size", "8", "--model.output_size", "16", "--model.backend", "reference",
+              "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+              "--trainer.enable_progress_bar", "false"]
+    monkeypatch.chdir(tmp_path)
+
+    def last_step(version: int) -> tuple[int, list[str]]:
+        folder = tmp_path / "lightning_logs" / "csv" / f"version_{version}" / "checkpoints"
+        return (torch.load(folder / "last.ckpt", weights_only=False)["global_step"],
+                sorted(p.name for p in folder.iterdir()))
+
+    assert_ok(run_cli(["fit", *common, "--trainer.max_epochs", "3"], capsys))
+    step, names = last_step(0)
+    assert step == 9 and "epoch=0-step=3.ckpt" in names, (step, names)  # best at step 3, newest at 9
+
+    # resumed from it, the run goes on from step 9, not from the best checkpoint's step 3
+    last = tmp_path / "lightning_logs" / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    assert_ok(run_cli(["fit", *common, "--trainer.max_epochs", "4", "--ckpt_path", str(last)], capsys))
+    assert last_step(1)[0] == 12
+
+    # stopped between validations: the final state is written when the fit ends
+    assert_ok(run_cli(["fit", *common, "--trainer.max_epochs", "3", "--trainer.max_steps", "5"], capsys))
+    assert last_step(2)[0] == 5
