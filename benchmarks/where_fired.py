@@ -15,7 +15,10 @@ run on `SyntheticDataModule`. Every validation character gets one class, by the 
 
 and the table gives, per layer, the fraction of each class on which that layer fired. A second table splits the
 word ends by the word's place in its phrase: `space 2` is the separator after a phrase's second word when the
-phrase goes on, `period 2` the end of a phrase of two words. The F1 of the logs counts
+phrase goes on, `period 2` the end of a phrase of two words. A third gives, for the same word ends, the model's own
+entropy of the next character there (bits) and the fraction above the mean over all word ends: the targets that
+`--model.boundary_peaks` gives layer 2 (`hmlstm.boundary_options.peak_targets`), and whether the phrase ends stand
+out among the word ends as peaks. The F1 of the logs counts
 hits on the separators only (`hmlstm.metrics`); this table tells a boundary that is missing from one that is one
 character early (before_*) or late (*_first).
 
@@ -35,6 +38,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
+from hmlstm.boundary_options import next_char_entropy
 from hmlstm.data import SyntheticDataModule
 from hmlstm.synthetic import SyntheticCorpus
 from hmlstm.training import HMLSTMLanguageModel
@@ -124,6 +128,12 @@ def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False)
     result = {"run": str(run_dir), "at_init": at_init, "chars": len(text),
               "counts": {c: classes.count(c) for c in CLASSES},
               "word_end_counts": {k: positions.count(k) for k in sorted(set(positions))}, "layers": []}
+    bits = next_char_entropy(out.logits)[0][ends] / torch.log(torch.tensor(2.0))  # (word ends,)
+    above = bits > bits.mean()
+    result["entropy_by_word_position"] = {
+        k: {"bits": float(bits[idx].mean()), "above_mean": float(above[idx].float().mean())}
+        for k in result["word_end_counts"]
+        for idx in [torch.tensor([i for i, q in enumerate(positions) if q == k])]}
     for z in out.rnn.z:
         fired = z[0] > 0.5
         by_class = {}
@@ -148,6 +158,9 @@ def table(result: dict) -> str:
               "|" + "---|" * (len(keys) + 1)]
     for k, layer in enumerate(result["layers"], start=1):
         lines.append(f"| {k} | " + " | ".join(f"{layer['fired_by_word_position'][q]:.2f}" for q in keys) + " |")
+    entropy = result["entropy_by_word_position"]
+    lines += ["| next-character entropy, bits | " + " | ".join(f"{entropy[q]['bits']:.2f}" for q in keys) + " |",
+              "| above the word ends' mean | " + " | ".join(f"{entropy[q]['above_mean']:.2f}" for q in keys) + " |"]
     return "\n".join(lines)
 
 

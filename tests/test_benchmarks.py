@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end (tiny sizes: no timing is asserted) and forces boundary rates."""
 
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -145,6 +146,14 @@ def test_where_fired_classes_positions_and_reads_a_trained_run(tmp_path, monkeyp
     assert set(by_position) == set(result["word_end_counts"]) and all(0.0 <= v <= 1.0 for v in by_position.values())
     # the positions split the word ends: their counts add up to the two separator classes
     assert sum(result["word_end_counts"].values()) == result["counts"]["phrase_sep"] + result["counts"]["word_sep"]
+    # the entropy after each kind of word end: a probability's entropy in bits, and a fraction
+    entropy = result["entropy_by_word_position"]
+    assert set(entropy) == set(by_position)
+    from hmlstm.training import HMLSTMLanguageModel
+
+    vocab = HMLSTMLanguageModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt").net.vocab_size  # logits
+    assert all(0.0 < e["bits"] <= math.log2(vocab) and 0.0 <= e["above_mean"] <= 1.0 for e in entropy.values()), \
+        (entropy, vocab)
 
 
 def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, monkeypatch):
@@ -157,6 +166,7 @@ def test_where_fired_at_init_rebuilds_the_weights_a_run_started_from(tmp_path, m
     monkeypatch.chdir(tmp_path)
     hmlstm_main(["fit", "--config", "synthetic.yaml", "--seed_everything", "7", "--model.hidden_sizes", "[8,8,8]",
                  "--model.output_size", "16", "--model.embed_size", "8", "--model.lr", "1e-30",
+                 "--model.boundary_rates", "null",  # the band moves a bias by 0.01 whatever the learning rate
                  "--data.init_args.train_chars", "3000", "--data.init_args.val_chars", "600",
                  "--data.init_args.test_chars", "600", "--data.init_args.batch_size", "4",
                  "--data.init_args.seq_len", "20", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
