@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 
@@ -56,7 +56,7 @@ class LatestCheckpoint(Checkpoint):
     @staticmethod
     def path(trainer: pl.Trainer) -> Optional[str]:
         """Where it writes: last.ckpt beside the first ModelCheckpoint's files, or None without one."""
-        callback = trainer.checkpoint_callback
+        callback = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         dirpath = getattr(callback, "dirpath", None)
         return None if dirpath is None else os.path.join(dirpath, LatestCheckpoint.FILENAME)
 
