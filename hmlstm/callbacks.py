@@ -42,10 +42,14 @@ class LatestCheckpoint(Checkpoint):
 
     Why: Lightning's `ModelCheckpoint(save_last=True)` writes last.ckpt only at a step where that callback saved a
     checkpoint of its own; with a monitored metric and save_top_k=1 that is a step where the metric improved, so
-    after a validation that did not improve, last.ckpt is the best epoch's state, not the newest. A Checkpoint
-    subclass, so Lightning runs it after the ModelCheckpoints it follows in the callback list: when both write
-    last.ckpt at one step, this one's copy (which records their updated state) is the one kept. It writes nothing
-    without a ModelCheckpoint (nowhere to write), during sanity checks, or outside `fit`. The `hmlstm` CLI adds it.
+    after a validation that did not improve, last.ckpt is the best epoch's state, not the newest.
+
+    A ModelCheckpoint saves after the validation (mid-epoch validations) or at the epoch's end (one validation
+    per epoch); this callback writes at both points, and runs after the ModelCheckpoints it follows in the
+    callback list (a Checkpoint subclass: Lightning keeps them last, in order), so the copy kept is the newest
+    state with their bookkeeping updated. It tells them the shared file is theirs too (`last_model_path`), or their
+    version counter would write last-v1.ckpt beside it. It writes nothing without a ModelCheckpoint (nowhere to
+    write), during sanity checks, or outside `fit`. The `hmlstm` CLI adds it.
     """
 
     FILENAME = "last.ckpt"
@@ -60,17 +64,30 @@ class LatestCheckpoint(Checkpoint):
         dirpath = getattr(callback, "dirpath", None)
         return None if dirpath is None else os.path.join(dirpath, LatestCheckpoint.FILENAME)
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        path = self.path(trainer)  # the ModelCheckpoints have resolved their folders: their setup ran first
+        if stage != "fit" or path is None:
+            return
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and not callback.last_model_path \
+                    and callback.dirpath is not None and os.path.join(callback.dirpath, self.FILENAME) == path:
+                callback.last_model_path = path
+
+    def _save(self, trainer: pl.Trainer, again: bool = False) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
             return
         path = self.path(trainer)
-        if path is None or self._saved_step == trainer.global_step:
+        if path is None or (self._saved_step == trainer.global_step and not again):
             return
         trainer.save_checkpoint(path)  # every process calls it; the strategy writes once
         self._saved_step = trainer.global_step
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # again at a step just written: a ModelCheckpoint saving at the epoch's end has updated its state since
+        self._save(trainer, again=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a fit stopped by max_steps or max_time ends where no validation ran

@@ -203,6 +203,7 @@ def test_cli_last_checkpoint_is_the_newest_state_when_validation_does_not_improv
     assert_ok(run_cli(["fit", *common, "--trainer.max_epochs", "3"], capsys))
     step, names = last_step(0)
     assert step == 9 and "epoch=0-step=3.ckpt" in names, (step, names)  # best at step 3, newest at 9
+    assert not any(n.startswith("last-v") for n in names), names  # one last.ckpt, not a versioned second
 
     # resumed from it, the run goes on from step 9, not from the best checkpoint's step 3
     last = tmp_path / "lightning_logs" / "csv" / "version_0" / "checkpoints" / "last.ckpt"
