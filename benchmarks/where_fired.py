@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -128,21 +129,19 @@ def where_fired(run_dir: str | Path, chars: int = 20_000, at_init: bool = False)
     result = {"run": str(run_dir), "at_init": at_init, "chars": len(text),
               "counts": {c: classes.count(c) for c in CLASSES},
               "word_end_counts": {k: positions.count(k) for k in sorted(set(positions))}, "layers": []}
-    bits = next_char_entropy(out.logits)[0][ends] / torch.log(torch.tensor(2.0))  # (word ends,)
+    # indices of each class among the characters, and of each kind of word end among the word ends
+    class_idx = {c: torch.tensor([i for i, k in enumerate(classes) if k == c], dtype=torch.long) for c in CLASSES}
+    position_idx = {k: torch.tensor([i for i, q in enumerate(positions) if q == k]) for k in result["word_end_counts"]}
+    bits = next_char_entropy(out.logits)[0][ends] / math.log(2)  # (word ends,)
     above = bits > bits.mean()
     result["entropy_by_word_position"] = {
         k: {"bits": float(bits[idx].mean()), "above_mean": float(above[idx].float().mean())}
-        for k in result["word_end_counts"]
-        for idx in [torch.tensor([i for i, q in enumerate(positions) if q == k])]}
+        for k, idx in position_idx.items()}
     for z in out.rnn.z:
         fired = z[0] > 0.5
-        by_class = {}
-        for c in CLASSES:
-            idx = torch.tensor([i for i, k in enumerate(classes) if k == c], dtype=torch.long)
-            by_class[c] = float(fired[idx].float().mean()) if len(idx) else float("nan")
+        by_class = {c: float(fired[idx].float().mean()) if len(idx) else float("nan") for c, idx in class_idx.items()}
         at_ends = fired[ends]
-        by_position = {k: float(at_ends[torch.tensor([i for i, q in enumerate(positions) if q == k])].float().mean())
-                       for k in result["word_end_counts"]}
+        by_position = {k: float(at_ends[idx].float().mean()) for k, idx in position_idx.items()}
         result["layers"].append({"rate": float(fired.float().mean()), "fired": by_class,
                                  "fired_by_word_position": by_position})
     return result

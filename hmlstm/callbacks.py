@@ -37,8 +37,9 @@ class SlopeAnnealing(pl.Callback):
 
 
 class LatestCheckpoint(Checkpoint):
-    """Writes `last.ckpt`, in the folder of the trainer's first ModelCheckpoint, after every validation of a fit
-    and when the fit ends, so that it always holds the newest state (what `--ckpt_path .../last.ckpt` resumes).
+    """Writes `last.ckpt`, in the folder of the trainer's first ModelCheckpoint, after every validation of a fit,
+    at every epoch's end and when the fit ends, so that it always holds the newest state (what `--ckpt_path
+    .../last.ckpt` resumes).
 
     Why: Lightning's `ModelCheckpoint(save_last=True)` writes last.ckpt only at a step where that callback saved a
     checkpoint of its own; with a monitored metric and save_top_k=1 that is a step where the metric improved, so
