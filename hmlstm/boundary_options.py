@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .model import HMLSTM, HMLSTMLayer
+from .state import HMLSTMOutput, HMLSTMState
 from .synthetic import LEVELS
 
 
@@ -164,14 +165,17 @@ def nesting_charge(zs: Sequence[Tensor], weight: float) -> Tensor:
 
 
 def training_charges(zs: Sequence[Tensor], logits: Tensor, costs: Sequence[float], peaks: Sequence[float],
-                     nesting: float) -> dict[str, Tensor]:
+                     nesting: float, reach: Optional[tuple[Sequence[Tensor], Tensor, bool]] = None) -> dict[str, Tensor]:
     """The boundary terms of the training loss by name (`boundary_cost`, `peak_charge`, `nesting_charge`), each
-    only when its option is on: zs the (B, T) boundaries of each layer, logits (B, T, V) the same step's."""
+    only when its option is on: zs the (B, T) boundaries of each layer, logits (B, T, V) the same step's. reach:
+    (pre-activations, slope, hold) to charge the peaks through `reach_saturated` (boundary_peaks_reach)."""
     terms = {}
     if costs:
         terms["boundary_cost"] = boundary_charge(zs, costs)
     if peaks:
-        terms["peak_charge"] = peak_charge(zs, peaks, peak_targets(logits.detach(), zs))
+        targets = peak_targets(logits.detach(), zs)
+        charged = zs if reach is None else reach_saturated(zs, reach[0], reach[1], targets, reach[2])
+        terms["peak_charge"] = peak_charge(charged, peaks, targets)
     if nesting and len(zs) > 1:
         terms["nesting_charge"] = nesting_charge(zs, nesting)
     return terms
@@ -188,3 +192,56 @@ def oracle_boundaries(batch: dict[str, Tensor], num_layers: int) -> Tensor:
         raise ValueError(f"oracle_boundaries needs the batch to carry {', '.join(wanted)} (a data module with "
                          f"true boundaries, such as SyntheticDataModule); missing: {', '.join(missing)}")
     return torch.stack([batch[k] for k in wanted]).float()
+
+
+def detector_preactivations(rnn: HMLSTM, x: Tensor, out: HMLSTMOutput, state: Optional[HMLSTMState]) -> list[Tensor]:
+    """The (B, T) boundary pre-activation s_t of each boundary layer, recomputed from a run's outputs (eq. 6's
+    boundary row, which layer normalization leaves alone): s_t = U h_{t-1} + z_{t-1} V h^{l+1}_{t-1} +
+    z^{l-1}_t W h^{l-1}_t + b, one row of each weight. The fused ops do not return it; its sign is the step
+    function's z (`boundary="step"`) on every step but a COPY step under copy_boundary "hold" (z = 0 there).
+
+    Args:
+        rnn: the HMLSTM that ran.
+        x: (B, T, I) its input (the embedded characters).
+        out: its output for x.
+        state: the state it started from (None: zeros)."""
+    B, T = x.shape[:2]
+    below, z_below = x, x.new_ones(B, T)  # layer 1 reads the input on every step
+    preacts = []
+    for k, (layer, row) in enumerate(_detectors(rnn)):
+        p = layer.params()
+        h, above = out.h[k], out.h[k + 1]
+        h0 = state.h[k] if state is not None else h.new_zeros(B, h.shape[-1])
+        above0 = state.h[k + 1] if state is not None else above.new_zeros(B, above.shape[-1])
+        z0 = state.z[k] if state is not None else h.new_zeros(B)
+        h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], 1)  # (B, T, H): h_{t-1}
+        above_prev = torch.cat([above0.unsqueeze(1), above[:, :-1]], 1)
+        z_prev = torch.cat([z0.unsqueeze(1), out.z[k][:, :-1]], 1)
+        preacts.append(h_prev @ p.U[row] + z_prev * (above_prev @ p.V[row]) + z_below * (below @ p.W[row])
+                       + p.b[row])
+        below, z_below = h, out.z[k]
+    return preacts
+
+
+def reach_saturated(zs: Sequence[Tensor], preacts: Sequence[Tensor], slope: Tensor, targets: Sequence[Tensor],
+                    hold: bool = True) -> list[Tensor]:
+    """Each layer's z, equal in value, whose straight-through gradient goes on outside the hard sigmoid's window
+    (|s| >= 1/a, where the paper's estimator gives 0) at the window's slope a/2, on the steps where the detector
+    disagrees with its target (a target it does not fire on, a boundary that is no target): for the peak charge,
+    so that it can pull back a detector that left the window before its targets meant anything. A step whose
+    boundary agrees with its target gets nothing more (a push there would never stop). Under copy_boundary
+    "hold" a COPY step's z is the constant 0 and gets none either.
+
+    zs, preacts, targets: (B, T) per boundary layer (`detector_preactivations`, `peak_targets`); slope: the a of
+    the hard sigmoid."""
+    out = []
+    for k, (z, s, y) in enumerate(zip(zs, preacts, targets)):
+        wrong = (z.detach() > 0.5) != y
+        outside = (s.detach().abs() >= 1 / slope) & wrong
+        gate = torch.ones_like(z)
+        if hold:  # z_t = z~_t (1 - (1 - z_{t-1}) (1 - z^{l-1}_t)): no gradient on a COPY step
+            z_prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], 1).detach()
+            z_below = zs[k - 1].detach() if k else torch.ones_like(z)
+            gate = 1 - (1 - z_prev) * (1 - z_below)
+        out.append(z + gate * outside.to(s.dtype) * slope / 2 * (s - s.detach()))
+    return out

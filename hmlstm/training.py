@@ -49,8 +49,8 @@ from .checkpoint import (
     without_instantiator,
 )
 from .data import Vocabulary
-from .boundary_options import (cap_detector_norms, init_detectors, oracle_boundaries, parse_costs, parse_rate_bands,
-                               steer_detector_rates, training_charges)
+from .boundary_options import (cap_detector_norms, detector_preactivations, init_detectors, oracle_boundaries,
+                               parse_costs, parse_rate_bands, steer_detector_rates, training_charges)
 from .diagnostics import boundary_grad_norms, first_nonfinite
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
@@ -107,8 +107,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         cell: "hmlstm", or "lstm" for the baseline of the same sizes (`hmlstm.lstm.StackedLSTM`) with the same
             embedding, output module and training; it refuses the HM-only options boundary, copy_boundary,
             boundary_norm_cap and oracle_boundaries, and warns that boundary_bias (which default.yaml sets),
-            boundary_cost and boundary_peaks (which synthetic.yaml sets), boundary_nesting and boundary_rates are
-            unused.
+            boundary_cost, boundary_peaks and boundary_peaks_reach (which synthetic.yaml sets), boundary_peaks_warmup,
+            boundary_nesting and boundary_rates are unused.
         loss_reduction: "mean" (the per-character NLL is what is clipped and minimized) or "sum_time" (the NLL
             summed over the T steps and averaged over the batch, as the authors' code: a gradient T times larger
             meets the same clip, so nearly every step is clipped to the same norm). The logged nll/bpc are per
@@ -134,6 +134,15 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             (y the targets, p their fraction): boundaries on targets earn, others cost, balanced so that firing
             everywhere or nowhere costs nothing: it moves where a layer fires, not how often
             (`hmlstm.boundary_options.peak_charge`). One float for every layer, or one per boundary layer; 0: off.
+        boundary_peaks_reach: the peak charge's straight-through gradient goes on outside the hard sigmoid's window, at
+            its slope a/2, on the steps where a detector disagrees with its target (not in the paper; the forward and
+            the language model's gradient are unchanged). The targets are the model's own entropy peaks, noise
+            in the first steps; charged then, a detector can be pushed out of the window on the steps where the
+            peaks will be (the synthetic language's periods, in the first 15 steps at seed 2), and the paper's
+            estimator gives it no gradient there to come back (`hmlstm.boundary_options.reach_saturated`; the
+            pre-activations are recomputed from the run's outputs, one weight row per layer).
+        boundary_peaks_warmup: training steps at the start with the peak charge off (0: from the first step): the
+            targets are the model's own entropy peaks, noise before it has learned anything.
         boundary_nesting: a charge, in nats, for every boundary of layer l >= 2 on a step where layer l-1 has none
             (possible only on a FLUSH step, right after the layer's own boundary): it keeps each layer's boundaries
             among those of the layer below, as segments of a hierarchy nest. 0 turns it off.
@@ -179,6 +188,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  weight_decay: float = 0.0,
                  boundary_cost: float | list[float] = 0.0, oracle_boundaries: bool = False,
                  boundary_zero_init: bool = False, boundary_peaks: float | list[float] = 0.0,
+                 boundary_peaks_reach: bool = False, boundary_peaks_warmup: int = 0,
                  boundary_nesting: float = 0.0, state_reset: float = 0.0,
                  boundary_rates: Optional[list[Optional[list[float]]]] = None,
                  boundary_rate_step: float = 0.01) -> None:
@@ -222,6 +232,15 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         peaks = parse_costs(boundary_peaks, len(hidden_sizes), "boundary_peaks")
         if cell == "lstm" and peaks:
             rank_zero_warn(f"boundary_peaks={boundary_peaks} is unused: cell='lstm' has no boundaries")
+        if cell == "lstm" and boundary_peaks_reach:
+            rank_zero_warn("boundary_peaks_reach=True is unused: cell='lstm' has no boundaries")
+        if int(boundary_peaks_warmup) != boundary_peaks_warmup or boundary_peaks_warmup < 0:
+            raise ValueError(f"boundary_peaks_warmup must be an int >= 0 (training steps), got {boundary_peaks_warmup}")
+        if cell == "lstm" and boundary_peaks_warmup:
+            rank_zero_warn(f"boundary_peaks_warmup={boundary_peaks_warmup} is unused: cell='lstm' has no boundaries")
+        if cell == "hmlstm" and not peaks and (boundary_peaks_reach or boundary_peaks_warmup):
+            rank_zero_warn("boundary_peaks_reach and boundary_peaks_warmup act on the peak charge, which "
+                           f"boundary_peaks={boundary_peaks} turns off: they are unused")
         if not boundary_nesting >= 0:
             raise ValueError(f"boundary_nesting must be >= 0 (nats per boundary and character), got {boundary_nesting}")
         if cell == "lstm" and boundary_nesting:
@@ -351,8 +370,14 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                 rates = self.trainer.strategy.reduce(rates, reduce_op="mean")
             self._rates = rates.tolist()
         if stage == "train" and self.hparams.get("cell", "hmlstm") == "hmlstm":
-            charges = training_charges(out.rnn.z, logits, self._costs, self._peaks,
-                                       self.hparams.get("boundary_nesting", 0.0))
+            # the targets are the model's own entropy peaks: noise until it has learned something (warmup)
+            peaks = self._peaks if self.global_step >= self.hparams.get("boundary_peaks_warmup", 0) else []
+            reach = None
+            if peaks and self.hparams.get("boundary_peaks_reach", False) and forced is None:
+                preacts = detector_preactivations(self.net.rnn, self.net.embed(x), out.rnn, state)
+                reach = (preacts, self.slope, self.net.rnn.copy_boundary == "hold")
+            charges = training_charges(out.rnn.z, logits, self._costs, peaks,
+                                       self.hparams.get("boundary_nesting", 0.0), reach)
             for name, charged in charges.items():
                 self.log(f"train/{name}", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
                 loss = loss + charged

@@ -79,6 +79,130 @@ def test_peak_charge_in_the_training_step_moves_the_loss_and_the_boundary_gradie
     assert l3 - l0 == pytest.approx(0.3 / 2 * float((out.rnn.z[0] * sign).mean()) * T, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_recomputed_preactivations_have_the_sign_of_the_boundaries(backend, layer_norm):
+    """detector_preactivations from a run's outputs: s > 0 exactly where the run fired (z = 1), from zeros and
+    from a carried state, with and without layer norm, for the op the training uses."""
+    from hmlstm.backends import unavailable_reason
+    from hmlstm.boundary_options import detector_preactivations
+    from hmlstm.model import HMLSTM
+
+    reason = unavailable_reason(backend, torch.device("cpu"))
+    if reason is not None:  # cpp: the extension is not built
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    rnn = HMLSTM(5, [7, 6, 4], layer_norm=layer_norm, backend=backend).double()
+    with torch.no_grad():
+        for layer, bias in zip(rnn.layers[:-1], (0.0, 0.3)):
+            layer.bias[4 * layer.hidden_size] = bias  # both signs of s at every layer, and COPY steps in layer 2
+    x = 3 * torch.randn(3, 40, 5, dtype=torch.float64)
+    first = rnn(x[:, :20])
+    for out, xs, state in ((first, x[:, :20], None), (rnn(x[:, 20:], first.state), x[:, 20:], first.state)):
+        preacts = detector_preactivations(rnn, xs, out, state)
+        assert len(preacts) == 2
+        z_below = torch.ones_like(out.z[0])
+        for k, (s, z) in enumerate(zip(preacts, out.z)):
+            assert s.shape == z.shape
+            assert 0 < float(z.mean()) < 1
+            z_prev = torch.cat([(state.z[k] if state is not None else torch.zeros_like(z[:, 0]))[:, None],
+                                z[:, :-1]], 1)
+            copy = (z_prev == 0) & (z_below == 0)  # hold: a COPY step's z is 0 whatever s is
+            assert torch.equal((s > 0).to(z.dtype)[~copy], z[~copy])
+            assert not z[copy].any()
+            z_below = z
+        assert copy.any() and (preacts[1][copy] > 0).any()  # the COPY rule was exercised
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_reach_saturated_keeps_the_value_and_adds_gradient_only_where_it_is_missing_and_wrong(hold):
+    """Same values; d/dz passes unchanged; d/ds is a/2 (times the hold gate) on the steps outside the window
+    whose boundary disagrees with the target, and 0 elsewhere (inside the window the op's own estimator acts)."""
+    from hmlstm.boundary_options import reach_saturated
+
+    a = torch.tensor(2.0, dtype=torch.float64)  # window |s| < 0.5
+    s1 = torch.tensor([[-3.0, 3.0, -3.0, 3.0, 0.2, -0.2]], dtype=torch.float64, requires_grad=True)
+    z1 = (s1.detach() > 0).double().requires_grad_()
+    y1 = torch.tensor([[True, False, False, True, False, True]])
+    s2 = torch.tensor([[-3.0, -3.0, -3.0, 3.0, 0.2, -3.0]], dtype=torch.float64, requires_grad=True)
+    z2 = (s2.detach() > 0).double().requires_grad_()
+    y2 = torch.tensor([[True, True, True, False, True, True]])
+    out = reach_saturated([z1, z2], [s1, s2], a, [y1, y2], hold=hold)
+    assert torch.equal(out[0], z1) and torch.equal(out[1], z2)
+    g = [torch.randn(1, 6, dtype=torch.float64) for _ in range(2)]
+    sum((o * gi).sum() for o, gi in zip(out, g)).backward()
+    assert torch.equal(z1.grad, g[0]) and torch.equal(z2.grad, g[1])
+    # layer 1: wrong and outside at 0 (target, s = -3) and 1 (fired, no target); right at 2, 3; inside at 4, 5
+    assert torch.equal(s1.grad, g[0] * torch.tensor([[1.0, 1.0, 0, 0, 0, 0]], dtype=torch.float64))
+    # layer 2: wrong and outside at 0, 1, 2, 3 and 5; under hold only where z_{t-1} or layer 1 fired (t = 1, 3, 5)
+    gate = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float64) if hold else torch.ones(1, 6).double()
+    assert torch.equal(s2.grad, g[1] * torch.tensor([[1.0, 1.0, 1.0, 1.0, 0, 1.0]], dtype=torch.float64) * gate)
+
+
+def test_boundary_peaks_reach_moves_a_saturated_detector_and_leaves_the_loss_alone():
+    """Layer 1's detector held far below its window (bias -6): the paper's estimator gives its bias no gradient;
+    with boundary_peaks_reach the peak charge pulls it up (toward the targets it misses). The loss is the same."""
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    got = {}
+    for reach in (False, True):
+        torch.manual_seed(0)
+        model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars, boundary_bias=[-6.0, 0.2], boundary_peaks=[0.3, 0.0],
+                                    boundary_peaks_reach=reach).double()
+        model.log = lambda *a, **k: None
+        loss = model._shared_step(batch, "train")
+        loss.backward()
+        layer = model.net.rnn.layers[0]
+        got[reach] = (float(loss.detach()), float(layer.bias.grad[4 * layer.hidden_size]))
+    assert got[True][0] == pytest.approx(got[False][0], rel=1e-12)
+    assert got[False][1] == 0.0
+    assert got[True][1] < 0  # descending it raises the bias: toward firing on the targets
+
+
+def test_peak_charge_is_off_during_its_warmup_and_on_from_its_last_step(monkeypatch):
+    """boundary_peaks_warmup=5: the training loss and dL/dz at global steps 0 and 4 are those of no peak charge; at
+    step 5 those of the charge with no warmup."""
+    dm = tiny_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    def run(step: int, **options) -> tuple[float, torch.Tensor]:
+        monkeypatch.setattr(HMLSTMLanguageModel, "global_step", property(lambda self: step))
+        torch.manual_seed(0)
+        model = HMLSTMLanguageModel(**TINY, vocab=dm.vocab.chars, boundary_bias=0.2, **options).double()
+        model.log = lambda *a, **k: None
+        loss = model._shared_step(batch, "train")
+        probe = model._probe
+        loss.backward()
+        return float(loss.detach()), probe.grad.clone()
+
+    off = run(0, boundary_peaks=[0.0, 0.0])
+    on = run(0, boundary_peaks=[0.3, 0.0])
+    assert abs(on[0] - off[0]) > 1e-6 and not torch.allclose(on[1], off[1])  # the charge moves both
+    for step, expected in ((0, off), (4, off), (5, on)):
+        got = run(step, boundary_peaks=[0.3, 0.0], boundary_peaks_warmup=5)
+        assert got[0] == pytest.approx(expected[0], rel=1e-12), step
+        assert torch.allclose(got[1], expected[1], rtol=1e-10, atol=1e-14), step
+
+
+def test_boundary_peaks_warmup_refuses_bad_values_and_warns_for_the_lstm():
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="boundary_peaks_warmup must be an int >= 0"):
+            HMLSTMLanguageModel(**TINY, boundary_peaks=1.0, boundary_peaks_warmup=bad)
+    with pytest.warns(UserWarning, match="boundary_peaks_warmup=60 is unused"):
+        HMLSTMLanguageModel(cell="lstm", boundary_peaks_warmup=60)
+
+
+def test_boundary_peaks_reach_warns_for_the_lstm_and_without_the_peaks():
+    with pytest.warns(UserWarning, match="boundary_peaks_reach=True is unused"):
+        HMLSTMLanguageModel(cell="lstm", boundary_peaks_reach=True)
+    with pytest.warns(UserWarning, match="which boundary_peaks=0.0 turns off"):
+        HMLSTMLanguageModel(**TINY, boundary_peaks_reach=True)
+    with pytest.warns(UserWarning, match="which boundary_peaks=0.0 turns off"):
+        HMLSTMLanguageModel(**TINY, boundary_peaks_warmup=5)
+
+
 def test_boundary_peaks_refuses_bad_values_and_warns_for_the_lstm():
     with pytest.raises(ValueError, match="boundary_peaks must be >= 0"):
         HMLSTMLanguageModel(**TINY, boundary_peaks=-0.1)
