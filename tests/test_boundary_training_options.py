@@ -316,7 +316,8 @@ def test_a_short_fit_with_every_option_logs_its_charges(tmp_path, backend):
     if reason is not None:  # cpp: the extension is not built
         pytest.skip(reason)
     model = HMLSTMLanguageModel(**(TINY | {"backend": backend}), boundary_peaks=[1.0, 0.5], boundary_nesting=0.1,
-                                boundary_cost=[0.05, 0.0], state_reset=0.2)
+                                boundary_cost=[0.05, 0.0], state_reset=0.2, boundary_peaks_reach=True,
+                                boundary_peaks_warmup=1)
     logger = CSVLogger(str(tmp_path), name="csv")
     trainer(tmp_path, logger=logger, log_every_n_steps=1).fit(model, tiny_data())
     rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
