@@ -7,6 +7,7 @@ import csv
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,29 @@ def test_ptb_config_trains_with_its_measured_options_and_its_baseline_drops_the_
     assert HMLSTMLanguageModel(**hm)._peaks == [0.5, 0.0]  # the options build as resolved
     with pytest.warns(UserWarning, match="boundary_peaks=.* is unused"):  # said, not fatal
         assert HMLSTMLanguageModel(**lstm)._peaks == []
+
+
+def test_synthetic_config_resolves_to_its_measured_options_and_its_lstm_command_runs_clean(capsys):
+    """synthetic.yaml sets the options its README rows were measured with; the documented commands of the LSTM
+    baseline and of the forced true boundaries turn off every option they do not use, so that they build without
+    a warning."""
+    def resolved(*extra):
+        result = run_cli(["fit", "--config", "synthetic.yaml", *extra, "--print_config"], capsys)
+        return yaml.safe_load(assert_ok(result))["model"]
+
+    hm = resolved()
+    assert (hm["boundary_cost"], hm["boundary_peaks"], hm["boundary_peaks_reach"], hm["boundary_rates"],
+            hm["lr_patience"]) == ([0.05, 0.0], [1.0, 2.0], True, [None, [0.03, 0.12]], 2)
+    assert HMLSTMLanguageModel(**hm)._peaks == [1.0, 2.0]
+    lstm = resolved("--model.cell", "lstm", "--model.boundary_cost", "0", "--model.boundary_peaks", "0",
+                    "--model.boundary_peaks_reach", "false", "--model.boundary_rates", "null")
+    oracle = resolved("--model.oracle_boundaries", "true", "--model.backend", "reference", "--model.boundary_cost",
+                      "0", "--model.boundary_peaks", "0", "--model.boundary_peaks_reach", "false",
+                      "--model.boundary_rates", "null")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HMLSTMLanguageModel(**lstm)
+        HMLSTMLanguageModel(**oracle)
 
 
 @pytest.mark.slow
