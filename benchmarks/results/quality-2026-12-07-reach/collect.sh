@@ -16,7 +16,7 @@ for set in R P2x W60 R1 S05 Z; do
   [ -f runs/v8/$set.json ] && cp runs/v8/$set.json $out/
 done
 # the two solo runs: today's synthetic.yaml and the same without the reach, each alone on the machine
-for solo in shipped-solo noreach-solo; do
+for solo in shipped-solo noreach-solo shipped-solo2 noreach-solo2; do
   [ -f runs/v8/$solo/time.txt ] || continue
   mkdir -p $out/$solo
   v=runs/v8/$solo/lightning_logs/csv/version_0
