@@ -165,16 +165,18 @@ def nesting_charge(zs: Sequence[Tensor], weight: float) -> Tensor:
 
 
 def training_charges(zs: Sequence[Tensor], logits: Tensor, costs: Sequence[float], peaks: Sequence[float],
-                     nesting: float, reach: Optional[tuple[Sequence[Tensor], Tensor, bool]] = None) -> dict[str, Tensor]:
+                     nesting: float,
+                     reach: Optional[tuple[Sequence[Tensor], Tensor, bool, Optional[Sequence[Tensor]]]] = None
+                     ) -> dict[str, Tensor]:
     """The boundary terms of the training loss by name (`boundary_cost`, `peak_charge`, `nesting_charge`), each
     only when its option is on: zs the (B, T) boundaries of each layer, logits (B, T, V) the same step's. reach:
-    (pre-activations, slope, hold) to charge the peaks through `reach_saturated` (boundary_peaks_reach)."""
+    (pre-activations, slope, hold, z0) to charge the peaks through `reach_saturated` (boundary_peaks_reach)."""
     terms = {}
     if costs:
         terms["boundary_cost"] = boundary_charge(zs, costs)
     if peaks:
         targets = peak_targets(logits.detach(), zs)
-        charged = zs if reach is None else reach_saturated(zs, reach[0], reach[1], targets, reach[2])
+        charged = zs if reach is None else reach_saturated(zs, reach[0], reach[1], targets, *reach[2:])
         terms["peak_charge"] = peak_charge(charged, peaks, targets)
     if nesting and len(zs) > 1:
         terms["nesting_charge"] = nesting_charge(zs, nesting)
@@ -224,7 +226,7 @@ def detector_preactivations(rnn: HMLSTM, x: Tensor, out: HMLSTMOutput, state: Op
 
 
 def reach_saturated(zs: Sequence[Tensor], preacts: Sequence[Tensor], slope: Tensor, targets: Sequence[Tensor],
-                    hold: bool = True) -> list[Tensor]:
+                    hold: bool = True, z0: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
     """Each layer's z, equal in value, whose straight-through gradient goes on outside the hard sigmoid's window
     (|s| >= 1/a, where the paper's estimator gives 0) at the window's slope a/2, on the steps where the detector
     disagrees with its target (a target it does not fire on, a boundary that is no target): for the peak charge,
@@ -233,14 +235,16 @@ def reach_saturated(zs: Sequence[Tensor], preacts: Sequence[Tensor], slope: Tens
     "hold" a COPY step's z is the constant 0 and gets none either.
 
     zs, preacts, targets: (B, T) per boundary layer (`detector_preactivations`, `peak_targets`); slope: the a of
-    the hard sigmoid."""
+    the hard sigmoid; z0: (B,) per boundary layer, the boundaries before the first step (a carried state's z;
+    None: zeros), which the hold gate of the first step reads."""
     out = []
     for k, (z, s, y) in enumerate(zip(zs, preacts, targets)):
         wrong = (z.detach() > 0.5) != y
         outside = (s.detach().abs() >= 1 / slope) & wrong
         gate = torch.ones_like(z)
         if hold:  # z_t = z~_t (1 - (1 - z_{t-1}) (1 - z^{l-1}_t)): no gradient on a COPY step
-            z_prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], 1).detach()
+            first = z0[k].unsqueeze(1) if z0 is not None else torch.zeros_like(z[:, :1])
+            z_prev = torch.cat([first, z[:, :-1]], 1).detach()
             z_below = zs[k - 1].detach() if k else torch.ones_like(z)
             gate = 1 - (1 - z_prev) * (1 - z_below)
         out.append(z + gate * outside.to(s.dtype) * slope / 2 * (s - s.detach()))

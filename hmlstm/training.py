@@ -375,7 +375,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             reach = None
             if peaks and self.hparams.get("boundary_peaks_reach", False) and forced is None:
                 preacts = detector_preactivations(self.net.rnn, self.net.embed(x), out.rnn, state)
-                reach = (preacts, self.slope, self.net.rnn.copy_boundary == "hold")
+                reach = (preacts, self.slope, self.net.rnn.copy_boundary == "hold",
+                         state.z if state is not None else None)
             charges = training_charges(out.rnn.z, logits, self._costs, peaks,
                                        self.hparams.get("boundary_nesting", 0.0), reach)
             for name, charged in charges.items():

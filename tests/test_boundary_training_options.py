@@ -4,6 +4,7 @@
 
 import csv
 import math
+import warnings
 
 import pytest
 import torch
@@ -136,7 +137,14 @@ def test_reach_saturated_keeps_the_value_and_adds_gradient_only_where_it_is_miss
     assert torch.equal(s1.grad, g[0] * torch.tensor([[1.0, 1.0, 0, 0, 0, 0]], dtype=torch.float64))
     # layer 2: wrong and outside at 0, 1, 2, 3 and 5; under hold only where z_{t-1} or layer 1 fired (t = 1, 3, 5)
     gate = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float64) if hold else torch.ones(1, 6).double()
-    assert torch.equal(s2.grad, g[1] * torch.tensor([[1.0, 1.0, 1.0, 1.0, 0, 1.0]], dtype=torch.float64) * gate)
+    wrong_outside = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0, 1.0]], dtype=torch.float64)
+    assert torch.equal(s2.grad, g[1] * wrong_outside * gate)
+    # a carried state whose layer 2 had fired before the first step: under hold its first step is no COPY step
+    s2.grad = None
+    z0 = [torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)]
+    (reach_saturated([z1, z2], [s1, s2], a, [y1, y2], hold=hold, z0=z0)[1] * g[1]).sum().backward()
+    gate[0, 0] = 1.0
+    assert torch.equal(s2.grad, g[1] * wrong_outside * gate)
 
 
 def test_boundary_peaks_reach_moves_a_saturated_detector_and_leaves_the_loss_alone():
@@ -195,12 +203,16 @@ def test_boundary_peaks_warmup_refuses_bad_values_and_warns_for_the_lstm():
 
 
 def test_boundary_peaks_reach_warns_for_the_lstm_and_without_the_peaks():
-    with pytest.warns(UserWarning, match="boundary_peaks_reach=True is unused"):
+    with pytest.warns(UserWarning, match="boundary_peaks_reach=True is unused") as said:
         HMLSTMLanguageModel(cell="lstm", boundary_peaks_reach=True)
-    with pytest.warns(UserWarning, match="which boundary_peaks=0.0 turns off"):
-        HMLSTMLanguageModel(**TINY, boundary_peaks_reach=True)
-    with pytest.warns(UserWarning, match="which boundary_peaks=0.0 turns off"):
-        HMLSTMLanguageModel(**TINY, boundary_peaks_warmup=5)
+    assert len([w for w in said if "boundary_peaks_reach" in str(w.message)]) == 1
+    for option in ({"boundary_peaks_reach": True}, {"boundary_peaks_warmup": 5}):
+        with pytest.warns(UserWarning, match="which boundary_peaks=0.0 turns off") as said:
+            model = HMLSTMLanguageModel(**TINY, **option)
+        assert model._peaks == []  # said, not fatal: the model builds with the charge off
+    with warnings.catch_warnings():  # with the peaks on, neither option is unused
+        warnings.simplefilter("error")
+        HMLSTMLanguageModel(**TINY, boundary_peaks=1.0, boundary_peaks_reach=True, boundary_peaks_warmup=5)
 
 
 def test_boundary_peaks_refuses_bad_values_and_warns_for_the_lstm():
