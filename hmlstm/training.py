@@ -425,7 +425,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         gradients before it): `train/grad_norm` per step (kept every `log_every_n_steps`) and
         `train/grad_norm_max`, the largest of the epoch, which a short spike between logged steps cannot escape.
 
-        The straight-through gradient can grow exponentially over a sequence (README, "Reproducing the paper");
+        The straight-through gradient can grow exponentially over a sequence (docs/history.md);
         clipping hides that from the loss curve, so every run records it. Each parameter's norm is taken in
         float64: squares of fp32 gradients above 1e19 overflow fp32, and this is the case worth seeing. Under
         `16-mixed`, steps that the gradient scaler skips for overflow log inf or nan here: that is the scaler
