@@ -15,6 +15,8 @@
 # DRY_RUN=1 runs the same stages on the CPU with tiny sizes and the Triton interpreter (tests/test_gpu_session.py
 # does this in CI). BUDGET_S (default 540) is the whole call's time; each stage gets what is left, minus a margin.
 set -uo pipefail
+# the image of the GPU machine has python3 (the one with PyTorch) and may have no `python`
+py=${PYTHON:-python3}
 out=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -62,25 +64,25 @@ fi
   date -u +%FT%TZ
   git rev-parse --short HEAD 2>/dev/null
   [ "$device" = cuda ] && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
 } > "$out/versions.txt" 2>&1
 log "versions: $(tr '\n' ' ' < "$out/versions.txt")"
 
 if [ "$dry" = "1" ]; then
   log "build: skipped in a dry run (the checkout is installed)"
 else
-  stage build 60 pip install --no-build-isolation --no-deps -e .
+  stage build 60 "$py" -m pip install --no-build-isolation --no-deps -e .
 fi
-stage smoke 20 python benchmarks/gpu_smoke.py --device "$device" --sizes "$smoke_sizes" --out "$out/smoke.json"
-stage ptb 30 python benchmarks/run.py --device "$device" "${bench[@]}" --out "$out/ptb.json"
-[ -f "$out/ptb.json" ] && python benchmarks/report.py "$out/ptb.json" > "$out/ptb.md" 2>&1
-stage tests 60 python -m pytest -q -rs -x "${tests[@]}"
+stage smoke 20 "$py" benchmarks/gpu_smoke.py --device "$device" --sizes "$smoke_sizes" --out "$out/smoke.json"
+stage ptb 30 "$py" benchmarks/run.py --device "$device" "${bench[@]}" --out "$out/ptb.json"
+[ -f "$out/ptb.json" ] && "$py" benchmarks/report.py "$out/ptb.json" > "$out/ptb.md" 2>&1
+stage tests 60 "$py" -m pytest -q -rs -x "${tests[@]}"
 if [ "$dry" != "1" ]; then
-  stage copy 60 python benchmarks/run.py --device cuda --suites copy --min-time 0.5 \
+  stage copy 60 "$py" benchmarks/run.py --device cuda --suites copy --min-time 0.5 \
     --providers hmlstm-triton hmlstm-triton-graph lstm --dtypes float32 bfloat16 --out "$out/copy.json"
-  stage text8 60 python benchmarks/run.py --device cuda --suites text8 --min-time 0.5 \
+  stage text8 60 "$py" benchmarks/run.py --device cuda --suites text8 --min-time 0.5 \
     --providers hmlstm-triton hmlstm-triton-graph lstm lstm-graph --dtypes float32 bfloat16 --out "$out/text8.json"
-  stage sweeps 60 python benchmarks/run.py --device cuda --suites batch hidden steps --min-time 0.3 \
+  stage sweeps 60 "$py" benchmarks/run.py --device cuda --suites batch hidden steps --min-time 0.3 \
     --providers hmlstm-triton-graph lstm-graph --out "$out/sweeps.json"
 fi
 log "done"

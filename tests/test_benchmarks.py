@@ -19,6 +19,7 @@ from patterns import force_boundaries, work_fractions  # noqa: E402
 
 from hmlstm import HMLSTM  # noqa: E402
 import hmlstm.backends  # noqa: E402
+from fake_data import fake_ptb  # noqa: E402
 
 
 def test_forced_rate_drives_every_boundary_layer():
@@ -209,17 +210,6 @@ def test_forced_boundaries_reruns_a_trained_model_with_layer_2_replaced(tmp_path
     assert result["forced"]["word_ends"] != result["forced"]["never"]
 
 
-def _fake_ptb(root: Path) -> Path:
-    """A few lines in Mikolov's ptb.char format (space-separated characters, `_` between words)."""
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran"]
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 200), ("valid", 20), ("test", 20)):
-        lines = [" _ ".join(" ".join(words[i]) for i in torch.randint(0, len(words), (6,), generator=g).tolist())
-                 for _ in range(n)]
-        (root / f"ptb.char.{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
     """train_step.py trains each checkpoint's own model (weights, cell, sizes) through Lightning and records
     every timed step of every round, the rounds taking turns; a bad run spec is refused by name."""
@@ -228,7 +218,7 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
     from hmlstm.data import PTBDataModule
     from hmlstm.training import HMLSTMLanguageModel
 
-    data = _fake_ptb(tmp_path)
+    data = fake_ptb(tmp_path)
     ckpts = {}
     for cell in ("hmlstm", "lstm"):
         dm = PTBDataModule(str(data), download=False, batch_size=4, seq_len=10)
