@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py HM-LSTM=runs/a/last.ckpt LN-LSTM=runs/b/last.ckpt \
         --data-dir ../shared/data/ptb --threads 1 --steps 20 --rounds 3 --out benchmarks/results/train-step.json
+    python benchmarks/train_step.py reach=runs/a/last.ckpt plain=runs/a/last.ckpt --set plain:boundary_peaks_reach=false ...
 
 Two trainings that share the cores slow each other by different amounts (an HM-LSTM runs its layers step by
 step, an LSTM one layer at a time over the sequence, and they use the caches differently), so the wall times of
@@ -11,8 +12,10 @@ hyperparameters, is trained by Lightning as `hmlstm fit` trains it (the data mod
 gradient clipping at `--clip`, the per-step logs and the boundary-gradient diagnostics; no validation, no
 checkpoints) for `--warmup` untimed steps and then `--steps` timed ones. The checkpoints take turns over
 `--rounds` rounds (the order reversed every round, so that a drifting machine biases them alike), and each
-reports its median step over all rounds. JSON out: the machine header of `run.py`, per checkpoint its step,
-boundary rates and every round's step times.
+reports its median step over all rounds. `--set NAME:KEY=VALUE` trains run NAME with one hyperparameter changed
+(the same checkpoint twice, with and without a training option, gives that option's cost). JSON out: the machine
+header of `run.py`, per checkpoint its step, boundary rates, the hyperparameters it was set to (read back from
+the loaded model) and every round's step times.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import header  # noqa: E402
@@ -61,9 +65,10 @@ def backend_of(net: torch.nn.Module) -> Optional[str]:
 
 
 def time_steps(ckpt: str, data_dir: str, steps: int, warmup: int, clip: float, batch_size: int,
-               seq_len: int) -> tuple[list[float], dict]:
-    """Train a fresh copy of the checkpoint's model for warmup + steps steps -> (timed step seconds, info)."""
-    model = HMLSTMLanguageModel.load_from_checkpoint(ckpt, map_location="cpu")
+               seq_len: int, overrides: Optional[dict] = None) -> tuple[list[float], dict]:
+    """Train a fresh copy of the checkpoint's model for warmup + steps steps -> (timed step seconds, info).
+    overrides: hyperparameters that replace the checkpoint's (training options such as boundary_peaks_reach)."""
+    model = HMLSTMLanguageModel.load_from_checkpoint(ckpt, map_location="cpu", **(overrides or {}))
     dm = PTBDataModule(data_dir, download=False, batch_size=batch_size, seq_len=seq_len)
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, gradient_clip_val=clip,
@@ -74,7 +79,8 @@ def time_steps(ckpt: str, data_dir: str, steps: int, warmup: int, clip: float, b
         raise RuntimeError(f"{ckpt}: timed {len(timer.times)} steps, expected {warmup + steps}")
     rates = {k: float(v) for k, v in trainer.logged_metrics.items() if "boundary_rate" in k}
     info = {"cell": model.hparams.get("cell", "hmlstm"), "hidden_sizes": list(model.hparams.hidden_sizes),
-            "backend": backend_of(model.net), "boundary_rates": rates}
+            "backend": backend_of(model.net), "boundary_rates": rates,
+            "overrides": {k: model.hparams[k] for k in (overrides or {})}}  # read back: what the model trained with
     return timer.times[warmup:], info
 
 
@@ -89,6 +95,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--clip", type=float, default=1.0, help="gradient_clip_val, as in ptb.yaml")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=100)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="train run NAME with hyperparameter KEY set to VALUE (YAML), e.g. to time one checkpoint "
+                             "with and without a training option; repeatable")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
     runs = []
@@ -97,6 +106,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not sep or not name or not Path(path).is_file():
             parser.error(f"each run is NAME=CHECKPOINT with an existing checkpoint file, got {spec!r}")
         runs.append((name, path))
+    overrides: dict[str, dict] = {name: {} for name, _ in runs}
+    for spec in args.set:
+        name, _, assignment = spec.partition(":")
+        key, eq, value = assignment.partition("=")
+        if name not in overrides or not key or not eq:
+            parser.error(f"--set takes NAME:KEY=VALUE with NAME one of {sorted(overrides)}, got {spec!r}")
+        overrides[name][key] = yaml.safe_load(value)
     for n, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--threads", args.threads)):
         if v < 1:
             parser.error(f"{n} must be at least 1, got {v}")
@@ -110,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for r in range(args.rounds):
         for name, path in (runs if r % 2 == 0 else runs[::-1]):
             times, infos[name] = time_steps(path, args.data_dir, args.steps, args.warmup, args.clip,
-                                            args.batch_size, args.seq_len)
+                                            args.batch_size, args.seq_len, overrides[name])
             rounds[name].append(times)
             print(f"round {r + 1}/{args.rounds} {name}: median {statistics.median(times):.3f} s/step", flush=True)
     result = {"header": head, "settings": vars(args) | {"runs": dict(runs)}, "runs": {}}

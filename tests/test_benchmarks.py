@@ -231,7 +231,8 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
     out = tmp_path / "steps.json"
     threads = torch.get_num_threads()
     try:
-        train_step.main([f"HM={ckpts['hmlstm']}", f"LSTM={ckpts['lstm']}", "--data-dir", str(data), "--steps", "2",
+        train_step.main([f"HM={ckpts['hmlstm']}", f"HM-cost={ckpts['hmlstm']}", f"LSTM={ckpts['lstm']}",
+                         "--set", "HM-cost:boundary_cost=[0.25]", "--data-dir", str(data), "--steps", "2",
                          "--warmup", "1", "--rounds", "2", "--batch-size", "4", "--seq-len", "10", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)  # the script sets the process's thread count (--threads, default 1)
@@ -243,9 +244,15 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
         assert len(r["step_s"]) == 2 and all(len(ts) == 2 and min(ts) > 0 for ts in r["step_s"])
         assert r["median_s"] == statistics.median(t for ts in r["step_s"] for t in ts)
     assert set(hm["boundary_rates"]) == {"train/boundary_rate_l1"} and not lstm["boundary_rates"]
+    # --set reached the model it names, and only that one
+    assert result["runs"]["HM-cost"]["overrides"] == {"boundary_cost": [0.25]} and hm["overrides"] == {}
+    assert len(result["runs"]["HM-cost"]["step_s"]) == 2
     assert result["header"]["threads"] == 1
     with pytest.raises(SystemExit):
         train_step.main(["HM", "--data-dir", str(data)])
+    for bad in ("NOPE:boundary_cost=0", "HM:boundary_cost"):  # an unknown run, no value
+        with pytest.raises(SystemExit):
+            train_step.main([f"HM={ckpts['hmlstm']}", "--set", bad, "--data-dir", str(data)])
 
 
 def test_seeds_trains_each_seed_once_and_counts_the_targets(tmp_path):
