@@ -52,6 +52,7 @@ from .data import Vocabulary
 from .boundary_options import (cap_detector_norms, detector_preactivations, init_detectors, oracle_boundaries,
                                parse_costs, parse_rate_bands, steer_detector_rates, training_charges)
 from .diagnostics import boundary_grad_norms, first_nonfinite
+from .epoch_stats import EpochStats
 from .lm import CELLS, CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
 from .run_state import ResumableRun
@@ -262,6 +263,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             self._build(Vocabulary(vocab))
         self._states: dict[str, Optional[HMLSTMState]] = {}
         self._f1: dict[str, BoundaryCounter] = {}
+        self._epoch = EpochStats()  # epoch values logged once an epoch (`_log_epoch`)
         self._chars = 0
         self._t0 = 0.0
         self.validated_at_step = -1  # global step of the last validation (-1: none yet)
@@ -380,7 +382,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             charges = training_charges(out.rnn.z, logits, self._costs, peaks,
                                        self.hparams.get("boundary_nesting", 0.0), reach)
             for name, charged in charges.items():
-                self.log(f"train/{name}", charged.detach(), on_step=False, on_epoch=True, batch_size=n)
+                self._epoch.add("train", f"train/{name}", charged, n)
                 loss = loss + charged
         if stage == "train" and self.hparams.get("loss_reduction", "mean") == "sum_time":
             return loss * y.shape[1]  # summed over the steps, averaged over the batch (the authors' loss)
@@ -407,8 +409,8 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         norms = boundary_grad_norms(probe.grad, scale)
         for k, v in enumerate(norms, start=1):
             self.log(f"train/dz_norm_l{k}", v, on_step=True, on_epoch=False, batch_size=1)
-            self.log(f"train/dz_norm_max_l{k}", v, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
-            self.log(f"train/dz_norm_mean_l{k}", v, on_step=False, on_epoch=True, reduce_fx="mean", batch_size=1)
+            self._epoch.add("train", f"train/dz_norm_max_l{k}", v, reduce="max")
+            self._epoch.add("train", f"train/dz_norm_mean_l{k}", v)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """Lightning's step, then the boundary weight-norm cap (`boundary_norm_cap`) when it is set."""
@@ -435,7 +437,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
         if norms:
             total = torch.linalg.vector_norm(torch.stack(norms)).float()
             self.log("train/grad_norm", total, on_step=True, on_epoch=False, batch_size=1)
-            self.log("train/grad_norm_max", total, on_step=False, on_epoch=True, reduce_fx="max", batch_size=1)
+            self._epoch.add("train", "train/grad_norm_max", total, reduce="max")
 
     # -- non-finite values ----------------------------------------------------------------------------
 
@@ -466,10 +468,10 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             return
         z_init = state.z if state is not None else tuple(torch.zeros_like(z[:, 0]) for z in rnn.z)
         for k, z in enumerate(rnn.z, start=1):
-            self.log(f"{stage}/boundary_rate_l{k}", z.float().mean(), on_step=False, on_epoch=True, batch_size=n)
+            self._epoch.add(stage, f"{stage}/boundary_rate_l{k}", z.float().mean(), n)
         for k, frac in enumerate(operation_fractions(rnn.z, z_init), start=1):
             for op, value in frac.items():
-                self.log(f"{stage}/{op}_l{k}", value, on_step=False, on_epoch=True, batch_size=n)
+                self._epoch.add(stage, f"{stage}/{op}_l{k}", value, n)
 
     def _count_boundaries(self, stage: str, zs: Sequence[Tensor], batch: dict[str, Tensor]) -> None:
         counter = self._f1.setdefault(stage, BoundaryCounter())
@@ -477,6 +479,12 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
             if key.startswith("boundary/"):
                 for k, z in enumerate(zs, start=1):
                     counter.add(k, key.split("/", 1)[1], z > 0.5, true)
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch values of `stage` summed by `self._epoch` (one `log` call each) and start over."""
+        for name, value in self._epoch.compute(stage).items():
+            self.log(name, value)
+        self._epoch.reset(stage)
 
     def _log_f1(self, stage: str) -> None:
         counter = self._f1.pop(stage, None)
@@ -502,28 +510,34 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._states["train"] = None
+        self._epoch.reset("train")
         self._train_position = 0
         self._chars, self._t0 = 0, time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         self.log("train/chars_per_sec", self._chars / max(time.perf_counter() - self._t0, 1e-9))
         self.log("train/slope", self.slope)
+        self._log_epoch("train")
 
     def on_validation_epoch_start(self) -> None:
         self._states["val"] = None
         self._f1.pop("val", None)
+        self._epoch.reset("val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_f1("val")
+        self._log_epoch("val")
         if not self.trainer.sanity_checking:
             self.validated_at_step = self.global_step
 
     def on_test_epoch_start(self) -> None:
         self._states["test"] = None
         self._f1.pop("test", None)
+        self._epoch.reset("test")
 
     def on_test_epoch_end(self) -> None:
         self._log_f1("test")
+        self._log_epoch("test")
 
     def on_predict_epoch_start(self) -> None:
         self._states["predict"] = None

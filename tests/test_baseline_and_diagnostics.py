@@ -100,6 +100,11 @@ def test_a_short_fit_logs_the_boundary_gradient_diagnostics(tmp_path):
         epoch_max = [float(r[f"train/dz_norm_max_l{k}"]) for r in rows if r.get(f"train/dz_norm_max_l{k}")]
         assert len(per_step) == 4 and all(math.isfinite(v) and v >= 0 for v in per_step)
         assert epoch_max[-1] == pytest.approx(max(per_step), rel=1e-5)
+        epoch_mean = [float(r[f"train/dz_norm_mean_l{k}"]) for r in rows if r.get(f"train/dz_norm_mean_l{k}")]
+        assert epoch_mean == [pytest.approx(sum(per_step) / 4, rel=1e-5)]  # once, at the epoch's end
+    norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+    norm_max = [float(r["train/grad_norm_max"]) for r in rows if r.get("train/grad_norm_max")]
+    assert len(norms) == 4 and norm_max == [pytest.approx(max(norms), rel=1e-6)]
     assert {"train/wall_s", "val/f1_tol1_l1_word", "val/f1_l2_phrase"} <= cols
 
 
