@@ -5,6 +5,7 @@ wall time, and the comparison, each writing what it made. Its figures come from 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_ptb_pair.sh"
 def _run(tmp_path: Path, data: Path, budget: int, **flags: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     env = dict(os.environ, DRY_RUN="1", OUT=str(out), PTB_DIR=str(data), WORK_DIR=str(tmp_path / "work"),
-               BUDGET_S=str(budget), **flags)
+               BUDGET_S=str(budget), PYTHON=sys.executable, **flags)
     res = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=budget + 300)
     return res, out
@@ -40,10 +41,12 @@ def test_dry_run_trains_both_cells_for_the_same_time_and_compares_them(tmp_path)
     assert "warmup lstm: rc 0" in log and "hm: rc 0" in log and "lstm: rc 0" in log, log
     hm_cmd, lstm_cmd = ((out / cell / "cmd.txt").read_text().split() for cell in ("hm", "lstm"))
     # the same command but for each side's own flags, and the same time limit for both
-    assert hm_cmd[:-4] == lstm_cmd[:-6] and hm_cmd[-2:] == lstm_cmd[-2:], (hm_cmd, lstm_cmd)
-    assert hm_cmd[-4:-2] == ["--model.backend", "reference"], hm_cmd
+    assert hm_cmd[:-6] == lstm_cmd[:-6] and hm_cmd[-2:] == lstm_cmd[-2:], (hm_cmd, lstm_cmd)
+    # the failing flag kept, the fallback after it (the last one wins)
+    assert hm_cmd[-6:-2] == ["--model.backend", "no-such-backend", "--model.backend", "reference"], hm_cmd
     assert lstm_cmd[-6:-2] == ["--model.cell", "lstm", "--model.state_reset", "0"], lstm_cmd
-    assert " ".join(hm_cmd[1:6]) == "-m hmlstm.cli fit --config ptb.yaml" and hm_cmd[-2] == "--trainer.max_time"
+    assert hm_cmd[1:5] == ["-m", "hmlstm.cli", "fit", "--config"] and hm_cmd[5].endswith("configs/ptb.yaml")
+    assert hm_cmd[-2] == "--trainer.max_time" and "--trainer.val_check_interval 50" in " ".join(hm_cmd)
     assert "--seed_everything 7" in " ".join(hm_cmd)
     hm_cmd = " ".join(hm_cmd)
     runs = json.loads((out / "quality.json").read_text())["runs"]
@@ -53,6 +56,8 @@ def test_dry_run_trains_both_cells_for_the_same_time_and_compares_them(tmp_path)
         assert run["steps"] > 0 and run["val_bpc"] > 0, (name, run)
         assert run["wall_s"] <= limit + 5, (name, run["wall_s"], limit)  # max_time stopped it
     assert set(runs["HM-LSTM-512"]["rates"]) == {"1", "2"} and not runs["LN-LSTM-512"]["rates"]
+    doc = json.loads((out / "quality.json").read_text())
+    assert doc["equal_steps"] and all((row["step"] + 1) % 50 == 0 for row in doc["equal_steps"]), doc["equal_steps"]
     pair = (out / "pair.md").read_text()
     assert "HM-LSTM-512" in pair and "LN-LSTM-512" in pair and "At equal steps" in pair and "At the wall time" in pair
     assert (out / "curves.png").stat().st_size > 0 and "torch" in (out / "versions.txt").read_text()
