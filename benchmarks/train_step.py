@@ -21,6 +21,7 @@ the loaded model) and every round's step times.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -80,8 +81,22 @@ def time_steps(ckpt: str, data_dir: str, steps: int, warmup: int, clip: float, b
     rates = {k: float(v) for k, v in trainer.logged_metrics.items() if "boundary_rate" in k}
     info = {"cell": model.hparams.get("cell", "hmlstm"), "hidden_sizes": list(model.hparams.hidden_sizes),
             "backend": backend_of(model.net), "boundary_rates": rates,
-            "overrides": {k: model.hparams[k] for k in (overrides or {})}}  # read back: what the model trained with
+            "overrides": {k: model.hparams[k] for k in (overrides or {})},  # read back: what the model took
+            # the boundary terms its loss carried (logged when charged): an option that acts shows here
+            "charged": sorted(k for k in trainer.logged_metrics
+                              if k.split("/")[-1] in ("boundary_cost", "peak_charge", "nesting_charge"))}
     return timer.times[warmup:], info
+
+
+def parse_value(text: str):
+    """A --set value as YAML, except that a number YAML leaves a string (1e-3: YAML 1.1 wants 1.0e-3) is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -107,12 +122,16 @@ def main(argv: Optional[list[str]] = None) -> None:
             parser.error(f"each run is NAME=CHECKPOINT with an existing checkpoint file, got {spec!r}")
         runs.append((name, path))
     overrides: dict[str, dict] = {name: {} for name, _ in runs}
+    # Lightning's loader drops a keyword the model does not take without a word: refuse it here, by name
+    known = set(inspect.signature(HMLSTMLanguageModel.__init__).parameters) - {"self", "vocab"}
     for spec in args.set:
         name, _, assignment = spec.partition(":")
         key, eq, value = assignment.partition("=")
         if name not in overrides or not key or not eq:
             parser.error(f"--set takes NAME:KEY=VALUE with NAME one of {sorted(overrides)}, got {spec!r}")
-        overrides[name][key] = yaml.safe_load(value)
+        if key not in known:
+            parser.error(f"--set {spec!r}: {key!r} is not a hyperparameter of HMLSTMLanguageModel")
+        overrides[name][key] = parse_value(value)
     for n, v in (("--steps", args.steps), ("--rounds", args.rounds), ("--threads", args.threads)):
         if v < 1:
             parser.error(f"{n} must be at least 1, got {v}")

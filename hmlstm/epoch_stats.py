@@ -3,7 +3,9 @@
 Lightning's `LightningModule.log(..., on_epoch=True)` does the same sums, but each call costs about a millisecond
 on the CPU (it validates the call and moves its result object to the device every time), and the HM-LSTM's
 training step logs 10-20 such values: boundary rates, UPDATE/COPY/FLUSH fractions, boundary-gradient norms. Here
-each step costs two small tensor operations per value and the epoch one `log` call per value."""
+each step costs two small tensor operations per value and the epoch one `log` call per value. The values reach
+`trainer.callback_metrics` when the module's epoch-end hook logs them, after callbacks' own epoch-end hooks have
+run: a callback that reads them there should do so at a later hook (on_validation_end, on_train_epoch_start)."""
 
 from __future__ import annotations
 

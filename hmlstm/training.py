@@ -501,6 +501,7 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
     def on_train_start(self) -> None:
         # a resume in the middle of an epoch continues it without calling on_train_epoch_start
         self._states["train"] = self._resumed_state()
+        self._epoch.reset("train")  # a resumed epoch sums from its resumption, as Lightning's own epoch values do
         self._fit_t0 = time.perf_counter()
 
     def _wall_s(self) -> float:

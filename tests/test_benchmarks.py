@@ -246,11 +246,14 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
     assert set(hm["boundary_rates"]) == {"train/boundary_rate_l1"} and not lstm["boundary_rates"]
     # --set reached the model it names, and only that one
     assert result["runs"]["HM-cost"]["overrides"] == {"boundary_cost": [0.25]} and hm["overrides"] == {}
+    assert result["runs"]["HM-cost"]["charged"] and not hm["charged"]  # and it trained with the charge
     assert len(result["runs"]["HM-cost"]["step_s"]) == 2
     assert result["header"]["threads"] == 1
     with pytest.raises(SystemExit):
         train_step.main(["HM", "--data-dir", str(data)])
-    for bad in ("NOPE:boundary_cost=0", "HM:boundary_cost"):  # an unknown run, no value
+    assert train_step.parse_value("1e-3") == 1e-3 and train_step.parse_value("[0.5,0]") == [0.5, 0]
+    assert train_step.parse_value("false") is False and train_step.parse_value("step") == "step"
+    for bad in ("NOPE:boundary_cost=0", "HM:boundary_cost", "HM:boundary_cst=0"):  # no such run, value, key
         with pytest.raises(SystemExit):
             train_step.main([f"HM={ckpts['hmlstm']}", "--set", bad, "--data-dir", str(data)])
 
