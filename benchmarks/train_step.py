@@ -4,6 +4,8 @@
         --data-dir ../shared/data/ptb --threads 1 --steps 20 --rounds 3 --out benchmarks/results/train-step.json
     python benchmarks/train_step.py reach=runs/a/last.ckpt plain=runs/a/last.ckpt --set plain:boundary_peaks_reach=false ...
 
+`--pydoc` instead of `--data-dir` trains on the text of the offline default (`hmlstm fit`'s checkpoints).
+
 Two trainings that share the cores slow each other by different amounts (an HM-LSTM runs its layers step by
 step, an LSTM one layer at a time over the sequence, and they use the caches differently), so the wall times of
 runs trained side by side say little about what each costs alone. This times the step they train with: each
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import header  # noqa: E402
 
 from hmlstm import HMLSTM, backends  # noqa: E402
-from hmlstm.data import PTBDataModule  # noqa: E402
+from hmlstm.data import PTBDataModule, PydocDataModule  # noqa: E402
 from hmlstm.training import HMLSTMLanguageModel  # noqa: E402
 
 
@@ -65,12 +67,16 @@ def backend_of(net: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def time_steps(ckpt: str, data_dir: str, steps: int, warmup: int, clip: float, batch_size: int,
+def time_steps(ckpt: str, data_dir: Optional[str], steps: int, warmup: int, clip: float, batch_size: int,
                seq_len: int, overrides: Optional[dict] = None) -> tuple[list[float], dict]:
     """Train a fresh copy of the checkpoint's model for warmup + steps steps -> (timed step seconds, info).
-    overrides: hyperparameters that replace the checkpoint's (training options such as boundary_peaks_reach)."""
+    data_dir: PTB's files; None: the offline default's text (`hmlstm.data.PydocDataModule`). overrides:
+    hyperparameters that replace the checkpoint's (training options such as boundary_peaks_reach)."""
     model = HMLSTMLanguageModel.load_from_checkpoint(ckpt, map_location="cpu", **(overrides or {}))
-    dm = PTBDataModule(data_dir, download=False, batch_size=batch_size, seq_len=seq_len)
+    if data_dir is None:
+        dm = PydocDataModule(batch_size=batch_size, seq_len=seq_len)
+    else:
+        dm = PTBDataModule(data_dir, download=False, batch_size=batch_size, seq_len=seq_len)
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, gradient_clip_val=clip,
                          limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -102,7 +108,9 @@ def parse_value(text: str):
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=CKPT", help="checkpoints of `hmlstm fit` on PTB")
-    parser.add_argument("--data-dir", required=True, help="holds ptb.char.{train,valid,test}.txt")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-dir", help="holds ptb.char.{train,valid,test}.txt")
+    data.add_argument("--pydoc", action="store_true", help="train on the offline default's text (`hmlstm fit`)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them, every round")

@@ -253,6 +253,8 @@ def test_train_step_times_each_checkpoints_own_training_step(tmp_path):
         train_step.main(["HM", "--data-dir", str(data)])
     assert train_step.parse_value("1e-3") == 1e-3 and train_step.parse_value("[0.5,0]") == [0.5, 0]
     assert train_step.parse_value("false") is False and train_step.parse_value("step") == "step"
+    with pytest.raises(SystemExit):  # one corpus
+        train_step.main([f"HM={ckpts['hmlstm']}", "--data-dir", str(data), "--pydoc"])
     for bad in ("NOPE:boundary_cost=0", "HM:boundary_cost", "HM:boundary_cst=0"):  # no such run, value, key
         with pytest.raises(SystemExit):
             train_step.main([f"HM={ckpts['hmlstm']}", "--set", bad, "--data-dir", str(data)])
@@ -361,3 +363,27 @@ def test_quality_stability_reads_single_batches_and_the_100_step_mean_after_the_
                                                       for r in rows])
     table = stability_table({"A": {**s, "val_bpc": 1.5}, "B": {}})
     assert "| A | 0.200 | 0.070 | 20.00x |" in table and "| B | - | - | - |" in table
+
+
+def test_train_step_times_a_checkpoint_of_the_offline_default_on_its_text(tmp_path):
+    import pytorch_lightning as pl
+    import train_step
+    from hmlstm.data import PydocDataModule
+    from hmlstm.training import HMLSTMLanguageModel
+
+    dm = PydocDataModule(batch_size=4, seq_len=10)
+    model = HMLSTMLanguageModel(hidden_sizes=(8, 6), embed_size=4, output_size=8)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "p.ckpt")
+    out = tmp_path / "steps.json"
+    threads = torch.get_num_threads()
+    try:
+        train_step.main([f"P={tmp_path / 'p.ckpt'}", "--pydoc", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                         "--batch-size", "4", "--seq-len", "10", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads(out.read_text())["runs"]["P"]
+    assert run["trained_steps"] == 1 and len(run["step_s"]) == 1 and len(run["step_s"][0]) == 2
+    assert json.loads(out.read_text())["settings"]["pydoc"] is True
