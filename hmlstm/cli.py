@@ -31,11 +31,30 @@ from pytorch_lightning.cli import LightningCLI
 
 from .callbacks import LatestCheckpoint
 from .data import CharDataModule
-from .metrics import TOLERANCES, BoundaryCounter, word_boundaries
+from .metrics import TOLERANCES, BoundaryCounter, metric_name, word_boundaries
 from .training import (AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel, NonFiniteLossError, SlopeAnnealing,
                        export_weights)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def boundary_summary(metrics: dict, stage: str = "val") -> list[str]:
+    """One line per boundary layer from a validation's logged metrics: its boundary rate and, where the data
+    has true boundaries, its F1 against each level at tolerance 0 (tolerance 1 in parentheses). Empty for an
+    LSTM baseline. What a user reads at the end of `hmlstm fit` to see whether the layers found the structure."""
+    lines = []
+    k = 1
+    while f"{stage}/boundary_rate_l{k}" in metrics:
+        parts = [f"boundary rate {float(metrics[f'{stage}/boundary_rate_l{k}']):.3f}"]
+        prefix = f"{stage}/{metric_name(k, '', 0)}"
+        for name in sorted((n for n in metrics if n.startswith(prefix)), key=lambda n: (not n.endswith("_word"), n)):
+            level = name[len(prefix):]
+            tol1 = metrics.get(f"{stage}/{metric_name(k, level, 1)}")
+            parts.append(f"F1 against {level} ends {float(metrics[name]):.3f}"
+                         + (f" ({float(tol1):.3f} at tolerance 1)" if tol1 is not None else ""))
+        lines.append(f"  layer {k}: " + ", ".join(parts))
+        k += 1
+    return lines
 DEFAULT_CONFIG = "default.yaml"
 
 
@@ -114,6 +133,8 @@ class HMLSTMCLI(LightningCLI):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or "-"
         print(f"\nhmlstm: validation BPC {float(metrics['val/bpc']):.4f} after {trainer.global_step} steps; "
               f"unigram entropy of the validation text {entropy:.4f} bits/char; best checkpoint: {best}")
+        for line in boundary_summary(metrics, "val"):
+            print(line)
 
 
 def lightning_main(argv: list[str]) -> HMLSTMCLI:

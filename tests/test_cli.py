@@ -99,6 +99,7 @@ def test_cli_fit_validate_generate_boundaries(tmp_path, capsys, monkeypatch):
     out = hmlstm(["fit", *data, *TINY_MODEL, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
                   "--trainer.enable_progress_bar", "false", "--model.boundary_rates", "[[0.0001,0.9999]]"], tmp_path)
     assert "validation BPC" in out and "unigram entropy" in out
+    assert "  layer 1: boundary rate " in out and "F1 against word ends" in out  # the boundary summary
 
     run = tmp_path / "lightning_logs" / "csv" / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -157,3 +158,15 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "slope start must be > 0, got -1.0" in proc.stderr and "Traceback" not in proc.stderr
     missing = run_cli(["generate", "--ckpt_path", str(tmp_path / "no.ckpt")], capsys)
     assert missing.returncode != 0 and "no such checkpoint file" in missing.stderr
+
+
+def test_boundary_summary_reads_each_layer_and_level():
+    from hmlstm.cli import boundary_summary
+    m = {"val/bpc": 1.2, "val/boundary_rate_l1": 0.25, "val/boundary_rate_l2": 0.1, "val/f1_l1_word": 0.83,
+         "val/f1_tol1_l1_word": 0.84, "val/f1_l1_phrase": 0.2, "val/f1_tol1_l1_phrase": 0.3, "val/f1_l2_word": 0.5}
+    assert boundary_summary(m) == [
+        "  layer 1: boundary rate 0.250, F1 against word ends 0.830 (0.840 at tolerance 1), "
+        "F1 against phrase ends 0.200 (0.300 at tolerance 1)",
+        "  layer 2: boundary rate 0.100, F1 against word ends 0.500"]
+    assert boundary_summary({"val/bpc": 1.0}) == []  # an LSTM: no boundaries
+    assert boundary_summary(m, "test") == []
