@@ -124,6 +124,17 @@ def _ptxas_report(ptx: str) -> dict:
     return {"registers": max(regs, default=0), "spill_stores": sum(spill_st), "spill_loads": sum(spill_ld)}
 
 
+def _causes(e: BaseException) -> str:
+    """The exceptions behind e (a CompilationError shows where in the kernel, its cause says what failed)."""
+    out, seen = "", {id(e)}
+    c = e.__cause__ or e.__context__
+    while c is not None and id(c) not in seen:
+        seen.add(id(c))
+        out += f"; caused by {type(c).__name__}: {str(c)[-300:]}"
+        c = c.__cause__ or c.__context__
+    return out
+
+
 def compile_all(names: list[str], dtypes: list[str]) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -150,7 +161,7 @@ def compile_all(names: list[str], dtypes: list[str]) -> list[dict]:
                     rec["shared_bytes"] = int(ck.metadata.shared)
                     rec |= _ptxas_report(ck.asm["ptx"])
                 except Exception as e:  # recorded, and the check below fails on it
-                    rec["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                    rec["error"] = f"{type(e).__name__}: {str(e)[-1500:]}" + _causes(e)
                 rec["ok"] = ("error" not in rec and rec["shared_bytes"] <= SMEM_LIMIT and rec["spill_stores"] == 0
                              and rec["spill_loads"] == 0 and rec["registers"] <= 255)
                 out.append(rec)
@@ -172,7 +183,9 @@ def main() -> None:
     recs = compile_all(args.sizes, args.dtypes)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"target": "sm_90", "smem_limit": SMEM_LIMIT, "records": recs}, f, indent=1, default=str)
+            import triton
+            json.dump({"target": "sm_90", "smem_limit": SMEM_LIMIT, "triton": triton.__version__, "records": recs},
+                      f, indent=1, default=str)
     bad = [r for r in recs if not r["ok"]]
     print(f"{len(recs)} configurations, {len(bad)} over the limits or failing")
     sys.exit(1 if bad else 0)

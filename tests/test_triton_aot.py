@@ -42,3 +42,21 @@ def test_every_configuration_fits_an_h100(tmp_path):
     kernels = {"_seq_pre_kernel", "_seq_update_kernel", "_seq_grad_kernel", "_seq_prod_kernel"}
     assert seen == {(k, d) for k in kernels for d in ("float32", "bfloat16", "float64")}
     assert all(r["shared_bytes"] <= 227 * 1024 and r["spill_stores"] == 0 for r in records)
+
+
+def test_every_dot_names_its_output_dtype():
+    """The GPU image's Triton (3.6) defaults tl.dot's out_dtype to float32 whatever the accumulator, so a float64
+    accumulator does not compile there (measured: benchmarks/results/aot-sm90-2026-12-07-triton3.6.json); the
+    Triton CI installs (3.9) infers it, so only this check keeps a new call from breaking the GPU's fp64 tests."""
+    import ast
+    from pathlib import Path
+
+    calls = []
+    for path in sorted(Path(ROOT, "hmlstm", "ops", "triton").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dot" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl":
+                calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+    assert len(calls) >= 4, calls  # the kernels' products: forward (2) and backward (2)
+    missing = [(f, line) for f, line, kw in calls if "out_dtype" not in kw]
+    assert not missing, f"tl.dot without out_dtype at {missing}"

@@ -304,10 +304,10 @@ def _seq_prod_kernel(
                 kmask = ks < k_hi
                 d = tl.load(Dp + rows[:, None] * G + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(Wt + ks[:, None] * N + ns[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(d.to(CT), w.to(CT), acc, input_precision=PREC)
+                if DOT_F32:  # out_dtype named: see _dot_acc
+                    acc = tl.dot(d.to(CT), w.to(CT), acc, input_precision=PREC, out_dtype=CT)
                 else:
-                    acc = tl.dot(d.to(w.dtype), w, acc, input_precision=PREC)
+                    acc = tl.dot(d.to(w.dtype), w, acc, input_precision=PREC, out_dtype=CT)
             nc = rows[:, None] * N + ns[None, :]
             if kind == 0:
                 o = DHR + _meta(META, l, M_OH) + t * B * HD

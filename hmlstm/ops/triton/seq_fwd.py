@@ -57,9 +57,11 @@ def step_gates(ZS, META, l, t, B, rows, rmask, has_z, CT: tl.constexpr, BLOCK_B:
 
 @triton.jit
 def _dot_acc(acc, a, w, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    # out_dtype named: Triton 3.6 (the GPU image's) defaults it to float32 whatever the accumulator, and a float64
+    # accumulator then fails to compile; 3.9 takes it from the accumulator
     if DOT_F32:
-        return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision=PREC)
-    return tl.dot(a, w, acc, input_precision=PREC)
+        return tl.dot(a.to(acc.dtype), w.to(acc.dtype), acc, input_precision=PREC, out_dtype=acc.dtype)
+    return tl.dot(a, w, acc, input_precision=PREC, out_dtype=acc.dtype)
 
 
 @triton.jit
