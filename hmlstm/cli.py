@@ -36,6 +36,7 @@ from .training import (AtomicCheckpointIO, CheckpointError, HMLSTMLanguageModel,
                        export_weights)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEFAULT_CONFIG = "default.yaml"
 
 
 def boundary_summary(metrics: dict, stage: str = "val") -> list[str]:
@@ -55,7 +56,6 @@ def boundary_summary(metrics: dict, stage: str = "val") -> list[str]:
         lines.append(f"  layer {k}: " + ", ".join(parts))
         k += 1
     return lines
-DEFAULT_CONFIG = "default.yaml"
 
 
 def shipped_config(name: str) -> Optional[Path]:
