@@ -50,11 +50,12 @@ from .checkpoint import (
 )
 from .data import Vocabulary
 from .boundary_options import (cap_detector_norms, detector_preactivations, init_detectors, oracle_boundaries,
-                               parse_costs, parse_rate_bands, steer_detector_rates, training_charges)
+                               steer_detector_rates, training_charges)
 from .diagnostics import boundary_grad_norms, first_nonfinite
 from .epoch_stats import EpochStats
-from .lm import CELLS, CharLM
+from .lm import CharLM
 from .metrics import BoundaryCounter, metric_name, operation_fractions, prf
+from .options import check_options
 from .run_state import ResumableRun
 from .state import HMLSTMOutput, HMLSTMState
 
@@ -77,10 +78,6 @@ def reset_streams(state: HMLSTMState, p: float) -> HMLSTMState:
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the message names the step and where it started."""
-
-
-NONFINITE_MODES = ("raise", "skip")
-LOSS_REDUCTIONS = ("mean", "sum_time")
 
 
 class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
@@ -194,65 +191,9 @@ class HMLSTMLanguageModel(ResumableRun, pl.LightningModule):
                  boundary_rates: Optional[list[Optional[list[float]]]] = None,
                  boundary_rate_step: float = 0.01) -> None:
         super().__init__()
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        if cell not in CELLS:
-            raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if boundary_norm_cap is not None and not boundary_norm_cap > 0:
-            raise ValueError(f"boundary_norm_cap must be > 0 or None (the authors' code: 1.9365), got {boundary_norm_cap}")
-        if not 0 <= adam_beta2 < 1 or weight_decay < 0:
-            raise ValueError(f"adam_beta2 must be in [0, 1) and weight_decay >= 0, got {adam_beta2} and {weight_decay}")
-        hm_only = {"boundary": boundary, "copy_boundary": copy_boundary, "boundary_norm_cap": boundary_norm_cap,
-                   "oracle_boundaries": oracle_boundaries or None, "boundary_zero_init": boundary_zero_init or None}
-        given = [k for k, v in hm_only.items() if v is not None]
-        if cell == "lstm" and given:
-            raise ValueError(f"--model.cell lstm has no boundary detector: {', '.join(given)} "
-                             f"{'applies' if len(given) == 1 else 'apply'} to cell='hmlstm' only; drop "
-                             f"{'it' if len(given) == 1 else 'them'}")
-        if cell == "lstm" and boundary_bias is not None:
-            # an initialization of units the LSTM does not have (default.yaml sets it for the HM-LSTM): said, not fatal
-            rank_zero_warn(f"boundary_bias={boundary_bias} is unused: cell='lstm' has no boundary units")
-        costs = parse_costs(boundary_cost, len(hidden_sizes))  # checked here: a bad value fails before training
-        if cell == "lstm" and costs:
-            # synthetic.yaml sets it for the HM-LSTM: the LSTM baseline stays one flag apart
-            rank_zero_warn(f"boundary_cost={boundary_cost} is unused: cell='lstm' has no boundaries to charge")
-        if not 0 <= state_reset < 1:
-            raise ValueError(f"state_reset must be in [0, 1) (a probability per stream and batch), got {state_reset}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 < lr_factor < 1:
-            raise ValueError(f"lr_factor must be in (0, 1) (the paper divides by 50: 0.02), got {lr_factor}")
-        if lr_milestones is not None and (not lr_milestones or any(int(m) != m or m < 1 for m in lr_milestones)
-                                          or list(lr_milestones) != sorted(set(lr_milestones))):
-            raise ValueError(f"lr_milestones must be None or a non-empty increasing list of epoch counts >= 1, "
-                             f"e.g. [5], got {lr_milestones}")
         self.save_hyperparameters()
-        self._costs = costs if cell == "hmlstm" else []  # one per boundary layer; [] when off
-        peaks = parse_costs(boundary_peaks, len(hidden_sizes), "boundary_peaks")
-        if cell == "lstm" and peaks:
-            rank_zero_warn(f"boundary_peaks={boundary_peaks} is unused: cell='lstm' has no boundaries")
-        if cell == "lstm" and boundary_peaks_reach:
-            rank_zero_warn("boundary_peaks_reach=True is unused: cell='lstm' has no boundaries")
-        if int(boundary_peaks_warmup) != boundary_peaks_warmup or boundary_peaks_warmup < 0:
-            raise ValueError(f"boundary_peaks_warmup must be an int >= 0 (training steps), got {boundary_peaks_warmup}")
-        if cell == "lstm" and boundary_peaks_warmup:
-            rank_zero_warn(f"boundary_peaks_warmup={boundary_peaks_warmup} is unused: cell='lstm' has no boundaries")
-        if cell == "hmlstm" and not peaks and (boundary_peaks_reach or boundary_peaks_warmup):
-            rank_zero_warn("boundary_peaks_reach and boundary_peaks_warmup act on the peak charge, which "
-                           f"boundary_peaks={boundary_peaks} turns off: they are unused")
-        if not boundary_nesting >= 0:
-            raise ValueError(f"boundary_nesting must be >= 0 (nats per boundary and character), got {boundary_nesting}")
-        if cell == "lstm" and boundary_nesting:
-            rank_zero_warn(f"boundary_nesting={boundary_nesting} is unused: cell='lstm' has no boundaries")
-        self._peaks = peaks if cell == "hmlstm" else []
-        bands = parse_rate_bands(boundary_rates, len(hidden_sizes))
-        if not boundary_rate_step > 0:
-            raise ValueError(f"boundary_rate_step must be > 0 (bias change per step), got {boundary_rate_step}")
-        if cell == "lstm" and bands:
-            rank_zero_warn(f"boundary_rates={boundary_rates} is unused: cell='lstm' has no boundaries")
-        self._bands = bands if cell == "hmlstm" else []
+        # one per boundary layer, [] when off (and with the LSTM); a bad argument fails here, before training
+        self._costs, self._peaks, self._bands = check_options(self.hparams)
         self._rates: Optional[list[float]] = None  # this training step's boundary rates, for the band controller
         # The slope of the boundary detector's hard sigmoid; set by SlopeAnnealing at each epoch start. A
         # buffer, so validate/test/generate from a checkpoint use the slope the weights were trained with.
