@@ -75,12 +75,12 @@ def check_options(hp: Mapping[str, Any]) -> BoundaryCharges:
         raise ValueError(f"boundary_rate_step must be > 0 (bias change per step), got {hp['boundary_rate_step']}")
     if cell == "lstm":
         # default.yaml and synthetic.yaml set some of these for the HM-LSTM: said, not fatal
-        used = {"boundary_bias": hp["boundary_bias"] is not None, "boundary_cost": bool(costs),
+        given_charges = {"boundary_bias": hp["boundary_bias"] is not None, "boundary_cost": bool(costs),
                 "boundary_peaks": bool(peaks), "boundary_peaks_reach": bool(hp["boundary_peaks_reach"]),
                 "boundary_peaks_warmup": bool(warmup), "boundary_nesting": bool(hp["boundary_nesting"]),
                 "boundary_rates": bool(bands)}
         for name in HM_TRAINING:
-            if used[name]:
+            if given_charges[name]:
                 rank_zero_warn(f"{name}={hp[name]} is unused: cell='lstm' has no boundaries")
         return BoundaryCharges([], [], [])
     if not peaks and (hp["boundary_peaks_reach"] or warmup):
