@@ -387,3 +387,28 @@ def test_train_step_times_a_checkpoint_of_the_offline_default_on_its_text(tmp_pa
     run = json.loads(out.read_text())["runs"]["P"]
     assert run["trained_steps"] == 1 and len(run["step_s"]) == 1 and len(run["step_s"][0]) == 2
     assert json.loads(out.read_text())["settings"]["pydoc"] is True
+
+
+def test_copy_run_logs_copies_each_runs_fit_logs_and_its_test_score_where_scored(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    src, out = tmp_path / "runs", tmp_path / "out"
+    for name, tested in (("hm", True), ("lstm", False)):
+        fit = src / name / "lightning_logs" / "csv" / "version_0"
+        fit.mkdir(parents=True)
+        for f in ("metrics.csv", "config.yaml", "hparams.yaml"):
+            (fit / f).write_text(f"{name} {f}")
+        (src / name / "cmd.txt").write_text(f"hmlstm fit # {name}")
+        if tested:
+            test = src / name / "lightning_logs" / "csv" / "version_1"
+            test.mkdir(parents=True)
+            (test / "metrics.csv").write_text("test score")
+            (src / name / "cmd-test.txt").write_text("hmlstm test")
+    subprocess.run(["bash", str(root / "benchmarks" / "copy_run_logs.sh"), str(src), str(out), "hm", "lstm"],
+                   check=True, cwd=root)
+    assert (out / "hm" / "metrics.csv").read_text() == "hm metrics.csv"
+    assert (out / "lstm" / "hparams.yaml").read_text() == "lstm hparams.yaml"
+    assert (out / "hm" / "test-metrics.csv").read_text() == "test score"
+    assert (out / "hm" / "cmd-test.txt").exists() and not (out / "lstm" / "test-metrics.csv").exists()
+    missing = subprocess.run(["bash", str(root / "benchmarks" / "copy_run_logs.sh"), str(src), str(out), "gone"],
+                             cwd=root, capture_output=True, text=True)
+    assert missing.returncode != 0  # a run that is not there fails the collect script, not an empty folder

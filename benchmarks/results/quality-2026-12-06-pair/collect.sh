@@ -4,16 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
 out=benchmarks/results/quality-2026-12-06-pair
-for r in w05 lstm; do
-  mkdir -p $out/$r
-  v=runs/pair/$r/lightning_logs/csv/version_0
-  cp $v/metrics.csv $v/config.yaml $v/hparams.yaml runs/pair/$r/cmd.txt $out/$r/
-  # the test set, scored once at the end from the best validation checkpoint (`hmlstm test`, its own log folder)
-  if [ -f runs/pair/$r/cmd-test.txt ]; then
-    cp runs/pair/$r/cmd-test.txt $out/$r/
-    cp runs/pair/$r/lightning_logs/csv/version_1/metrics.csv $out/$r/test-metrics.csv
-  fi
-done
+# each run's metrics, config and command, and its test score where it was scored after the stop
+bash benchmarks/copy_run_logs.sh runs/pair $out w05 lstm
 cp runs/pair/ptb-ckpt100.yaml $out/
 # The W = 0.2 run of the seventh and eighth sessions was logged in two launches: join them (the second resumed at
 # step 3900, its first row is step 3919's validation, after the first launch's last row).

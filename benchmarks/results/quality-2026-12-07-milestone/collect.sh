@@ -4,16 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
 out=benchmarks/results/quality-2026-12-07-milestone
-for r in hm lstm; do
-  mkdir -p $out/$r
-  v=runs/pair4/$r/lightning_logs/csv/version_0
-  cp $v/metrics.csv $v/config.yaml $v/hparams.yaml runs/pair4/$r/cmd.txt $out/$r/
-  # the test set, scored once at the end from the best validation checkpoint (`hmlstm test`, its own log folder)
-  if [ -f runs/pair4/$r/cmd-test.txt ]; then
-    cp runs/pair4/$r/cmd-test.txt $out/$r/
-    cp runs/pair4/$r/lightning_logs/csv/version_1/metrics.csv $out/$r/test-metrics.csv
-  fi
-done
+# each run's metrics, config and command, and its test score where it was scored after the stop
+bash benchmarks/copy_run_logs.sh runs/pair4 $out hm lstm
 cp runs/pair4/ptb.yaml $out/
 # The pair: equal steps and equal wall time.
 python benchmarks/quality.py HM-LSTM-s2=$out/hm LN-LSTM-s2=$out/lstm --compare --out $out/quality.json \

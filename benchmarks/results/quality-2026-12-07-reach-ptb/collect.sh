@@ -5,16 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
 out=benchmarks/results/quality-2026-12-07-reach-ptb
-for r in s1234 s2m; do
-  mkdir -p $out/$r
-  v=runs/reach-ptb/$r/lightning_logs/csv/version_0
-  cp $v/metrics.csv $v/config.yaml $v/hparams.yaml runs/reach-ptb/$r/cmd.txt $out/$r/
-  # the test set, scored once at the end from the best validation checkpoint (`hmlstm test`, its own log folder)
-  if [ -f runs/reach-ptb/$r/cmd-test.txt ]; then
-    cp runs/reach-ptb/$r/cmd-test.txt $out/$r/
-    cp runs/reach-ptb/$r/lightning_logs/csv/version_1/metrics.csv $out/$r/test-metrics.csv
-  fi
-done
+# each run's metrics, config and command, and its test score where it was scored after the stop
+bash benchmarks/copy_run_logs.sh runs/reach-ptb $out s1234 s2m
 cp runs/reach-ptb/ptb.yaml $out/
 a=benchmarks/results/quality-2026-12-06-sumtime
 b=benchmarks/results/quality-2026-12-07-milestone
