@@ -35,7 +35,8 @@ def test_the_lstm_refuses_each_option_that_builds_detectors(name):
 def test_the_lstm_says_each_boundary_charge_is_unused(name):
     value = {"boundary_peaks_reach": True, "boundary_peaks_warmup": 10, "boundary_rates": [[0.1, 0.3]]}.get(name, 0.5)
     with pytest.warns(UserWarning, match=f"{name}=.* is unused: cell='lstm'"):
-        HMLSTMLanguageModel(hidden_sizes=(8, 8), cell="lstm", **{name: value})
+        model = HMLSTMLanguageModel(hidden_sizes=(8, 8), cell="lstm", **{name: value})
+    assert (model._costs, model._peaks, model._bands) == ([], [], [])  # said unused, and nothing is charged
 
 
 def test_the_lstm_with_its_defaults_is_silent_and_has_no_charges():
